@@ -1,0 +1,1 @@
+"""Membership-inference audits and compliance reports. Imports ``dpfed`` and ``accounting``."""

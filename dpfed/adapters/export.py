@@ -1,0 +1,79 @@
+"""Export a trained LoRA-SB adapter: native B/A/R safetensors and a standard PEFT LoRA adapter.
+
+PEFT's LoRA computes ``W0 x + (alpha / r) · lora_B lora_A x``. With ``alpha = r`` (scaling 1),
+``lora_B = scale · B R`` (d_out, r) and ``lora_A = A`` (r, d_in) give exactly ``W0 + scale · B R A``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpfed.adapters.lorasb import LoRASBLinear
+from dpfed.model import SequenceClassifier
+
+
+def native_state(model: nn.Module, adapters: dict[str, LoRASBLinear]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, layer in adapters.items():
+        out[f"{name}.B"] = layer.B.detach().float().cpu().contiguous()
+        out[f"{name}.A"] = layer.A.detach().float().cpu().contiguous()
+        out[f"{name}.R"] = layer.R.detach().float().cpu().contiguous()
+    if isinstance(model, SequenceClassifier):
+        out["head.weight"] = model.head.weight.detach().float().cpu().contiguous()
+        out["head.bias"] = model.head.bias.detach().float().cpu().contiguous()
+    return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every LoRA-SB layer replaced by its frozen base Linear."""
+    clean = copy.deepcopy(model)
+    for name, mod in list(clean.named_modules()):
+        if isinstance(mod, LoRASBLinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = clean.get_submodule(parent_name) if parent_name else clean
+            setattr(parent, child, mod.base)
+    return clean
+
+
+def to_peft(model: nn.Module, adapters: dict[str, LoRASBLinear]) -> nn.Module:
+    """A PEFT LoRA model (on a copy of the base) whose outputs equal ``model``'s."""
+    from peft import LoraConfig, get_peft_model
+
+    ranks = {layer.rank for layer in adapters.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"PEFT export needs one rank for all layers, got {sorted(ranks)}")
+    r = ranks.pop()
+    base = unwrap(model)
+    cfg = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=list(adapters), bias="none",
+                     modules_to_save=["head"] if isinstance(model, SequenceClassifier) else None)
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for name, layer in adapters.items():
+            target = peft_model.base_model.model.get_submodule(name)
+            target.lora_A["default"].weight.copy_(layer.A)
+            target.lora_B["default"].weight.copy_(layer.scale * (layer.B @ layer.R))
+        if isinstance(model, SequenceClassifier):
+            head = peft_model.base_model.model.head
+            trained = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
+            trained.weight.copy_(model.head.weight)
+            trained.bias.copy_(model.head.bias)
+    return peft_model
+
+
+def export_adapters(model: nn.Module, adapters: dict[str, LoRASBLinear], out_dir: Path, *, task: str,
+                    base_model: str) -> None:
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(native_state(model, adapters), str(out_dir / "lorasb.safetensors"))
+    meta = {"format": "dpfed-lorasb/1", "base_model": base_model, "task": task,
+            "rank": next(iter(adapters.values())).rank, "scale": next(iter(adapters.values())).scale,
+            "target_modules": list(adapters),
+            "load": "W = W0 + scale * B @ R @ A for each target module; head.* is the classification head"}
+    (out_dir / "lorasb_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    to_peft(model, adapters).save_pretrained(str(out_dir / "peft"))

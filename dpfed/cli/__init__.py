@@ -1,0 +1,60 @@
+"""The ``dpfed`` command line: a thin typer app; each command lives in its own module.
+
+Only the CLI configures logging and printing. Errors caused by input (``DpfedError``,
+``AccountingError``) are printed as one line and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="dpfed",
+    help="Differentially private federated fine-tuning with Fed-SB.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_INPUT_ERROR = 2
+
+
+def _register() -> None:
+    from dpfed.cli import budget, comm, plan, train
+
+    app.command("train")(train.train)
+    app.command("plan")(plan.plan)
+    app.command("budget")(budget.budget)
+    app.command("comm")(comm.comm)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    from accounting.errors import AccountingError
+    from dpfed.errors import DpfedError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except (DpfedError, AccountingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_INPUT_ERROR)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors come through standalone_mode=False
+        import click
+
+        if isinstance(exc, click.exceptions.UsageError):
+            print(f"error: {exc.format_message()}", file=sys.stderr)
+            sys.exit(EXIT_INPUT_ERROR)
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

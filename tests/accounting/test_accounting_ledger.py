@@ -1,0 +1,216 @@
+"""Ledger: durable appends, verification of every line, explicit repair of a torn last line."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from accounting import prv
+from accounting.errors import AccountingInputError, LedgerCorruptError
+from accounting.events import FixedSizeGaussianEvent, GaussianEvent, PoissonGaussianEvent
+from accounting.ledger import Ledger, parse_torn, reappend_torn, spent
+
+
+def pg(sigma=1.0, q=0.01, steps=10, unit="record"):
+    return PoissonGaussianEvent(noise_multiplier=sigma, sample_rate=q, count=steps, unit=unit)
+
+
+@pytest.fixture
+def ledger_path(tmp_path):
+    return tmp_path / "run" / "ledger.jsonl"
+
+
+@pytest.fixture
+def filled(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.append(client="a", round=0, event=GaussianEvent(noise_multiplier=8.0), note="dp init")
+    ledger.append(client="a", round=1, event=pg())
+    ledger.append(client="b", round=1, event=pg(q=0.02))
+    return ledger_path
+
+
+def lines(path):
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def write_lines(path, new_lines):
+    path.write_bytes(b"".join(line + b"\n" for line in new_lines))
+
+
+def test_create_append_reopen_round_trip(ledger_path):
+    ledger = Ledger(ledger_path)
+    assert ledger_path.exists() and ledger_path.read_bytes() == b""
+    events = [GaussianEvent(noise_multiplier=8.0), pg(), FixedSizeGaussianEvent(noise_multiplier=1.0, sample_rate=0.1, count=3)]
+    for round_, event in enumerate(events):
+        record = ledger.append(client="c0", round=round_, event=event, note=f"r{round_}")
+        assert record.seq == round_ and record.event == event
+    ledger.append(client="c1", round=2, event=pg(q=0.5))
+    reopened = Ledger(ledger_path)
+    assert reopened.records() == ledger.records()
+    assert reopened.clients() == ["c0", "c1"]
+    assert reopened.events("c0") == events
+    assert reopened.rounds_completed("c0") == {0, 1, 2}
+    assert reopened.head == ledger.head and len(reopened) == 4
+    for line in lines(ledger_path):
+        record = json.loads(line)
+        assert {"seq", "client", "round", "unit", "event", "time", "prev", "hash"} <= set(record)
+        assert record["time"].endswith("Z") and record["event"]["type"]
+
+
+def test_append_fsyncs_the_line_before_returning(ledger_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            synced.append(("dir", None))
+        else:
+            assert info.st_ino == ledger_path.stat().st_ino  # it is the ledger file being synced
+            synced.append(("file", ledger_path.read_bytes()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    ledger = Ledger(ledger_path)
+    assert ("dir", None) in synced  # the new directory entry is made durable
+    synced.clear()
+    ledger.append(client="a", round=0, event=pg())
+    assert synced and synced[-1][0] == "file"
+    assert synced[-1][1] == ledger_path.read_bytes()  # fsync happened after the whole line was written
+    synced.clear()
+    ledger.append(client="a", round=1, event=pg())
+    assert synced[-1] == ("file", ledger_path.read_bytes())
+
+
+def test_spent_derives_epsilon_from_events(filled):
+    ledger = Ledger(filled)
+    assert spent(ledger, "a", delta=1e-5) == prv.epsilon(ledger.events("a"), delta=1e-5)
+    assert spent(ledger, "nobody", delta=1e-5).upper == 0.0
+
+
+def test_unparsable_line_is_reported_with_its_number(filled):
+    content = lines(filled)
+    content[1] = b'{"client": "a", "round": 1'
+    write_lines(filled, content)
+    with pytest.raises(LedgerCorruptError, match=r"ledger.jsonl:2: unparsable JSON"):
+        Ledger(filled)
+
+
+def test_edited_line_fails_its_checksum(filled):
+    content = lines(filled)
+    record = json.loads(content[1])
+    record["event"]["noise_multiplier"] = 2.0  # someone makes a client look less spent
+    content[1] = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    write_lines(filled, content)
+    with pytest.raises(LedgerCorruptError, match=r"ledger.jsonl:2: checksum mismatch"):
+        Ledger(filled)
+
+
+def test_reformatted_line_is_detected(filled):
+    content = lines(filled)
+    content[0] = json.dumps(json.loads(content[0]), sort_keys=True).encode()  # spaces after separators
+    write_lines(filled, content)
+    with pytest.raises(LedgerCorruptError, match=r":1: not in canonical form"):
+        Ledger(filled)
+
+
+def test_deleted_line_breaks_the_sequence(filled):
+    content = lines(filled)
+    del content[1]
+    write_lines(filled, content)
+    with pytest.raises(LedgerCorruptError, match=r"ledger.jsonl:2: out of sequence"):
+        Ledger(filled)
+
+
+def test_reordered_lines_are_detected(filled):
+    content = lines(filled)
+    content[1], content[2] = content[2], content[1]
+    write_lines(filled, content)
+    with pytest.raises(LedgerCorruptError, match=r":2: out of sequence"):
+        Ledger(filled)
+
+
+@pytest.mark.parametrize("bad, message", [(b"", "empty line"), (b"\xff\xfe garbage", "not ASCII"),
+                                          (b"[1, 2]", "expected keys")])
+def test_garbage_lines(filled, bad, message):
+    content = lines(filled)
+    content.insert(1, bad)
+    write_lines(filled, content)
+    with pytest.raises(LedgerCorruptError, match=rf":2: {message}"):
+        Ledger(filled)
+
+
+def test_truncated_last_line_is_an_error_and_recovery_is_explicit(filled):
+    raw = filled.read_bytes()
+    torn = raw[: len(raw) - 40]  # a crash in the middle of writing line 3
+    filled.write_bytes(torn)
+    with pytest.raises(LedgerCorruptError, match=r"ledger.jsonl:3: truncated last line"):
+        Ledger(filled)
+    assert filled.read_bytes() == torn  # opening never repairs
+    ledger, torn_text = Ledger.recover(filled)
+    assert len(ledger) == 2 and ledger.clients() == ["a"]
+    fragment = torn[len(b"".join(line + b"\n" for line in lines(filled))):]
+    assert torn_text == fragment.decode()
+    assert (filled.parent / "ledger.jsonl.torn").read_bytes() == fragment + b"\n"
+    assert parse_torn(torn_text) is None  # incomplete: the caller re-appends its in-flight event
+    Ledger(filled)  # now verifies
+    assert Ledger.recover(filled)[1] is None  # nothing left to repair
+
+
+def test_complete_line_without_newline_can_be_reappended(filled):
+    raw = filled.read_bytes()
+    filled.write_bytes(raw[:-1])  # the newline of line 3 never reached the disk
+    with pytest.raises(LedgerCorruptError, match=r":3: truncated last line"):
+        Ledger(filled)
+    ledger, torn_text = Ledger.recover(filled)
+    assert parse_torn(torn_text) == ("b", 1, pg(q=0.02))
+    record = reappend_torn(ledger, torn_text)
+    assert record is not None and record.seq == 2 and "torn" in record.note
+    assert Ledger(filled).events("b") == [pg(q=0.02)]
+
+
+def test_recover_refuses_other_corruption_and_changes_nothing(filled):
+    content = lines(filled)
+    content[0] = content[0].replace(b'"note":"dp init"', b'"note":"dp-init"')
+    write_lines(filled, content)
+    raw = filled.read_bytes() + b'{"partial'
+    filled.write_bytes(raw)
+    with pytest.raises(LedgerCorruptError, match=r":1: checksum mismatch"):
+        Ledger.recover(filled)
+    assert filled.read_bytes() == raw
+    assert not (filled.parent / "ledger.jsonl.torn").exists()
+
+
+def test_removed_trailing_lines_are_caught_with_an_expected_head(filled):
+    head = Ledger(filled).head
+    write_lines(filled, lines(filled)[:-1])
+    Ledger(filled)  # the chain alone cannot see whole lines cut at the end
+    with pytest.raises(LedgerCorruptError, match="lines at the end were removed"):
+        Ledger(filled, expected_head=head)
+
+
+def test_append_validates_before_writing(filled):
+    ledger = Ledger(filled)
+    before = filled.read_bytes()
+    bad_calls = [
+        ({"client": "", "round": 0, "event": pg()}, "client"),
+        ({"client": "a", "round": -1, "event": pg()}, "round must be an integer >= 0, got -1"),
+        ({"client": "a", "round": 0, "event": {"type": "gaussian"}}, "event must be"),
+        ({"client": "a", "round": 0, "event": pg(unit="client")}, "event.unit"),
+        ({"client": "a", "round": 0, "event": pg(), "note": "two\nlines"}, "note"),
+    ]
+    for kwargs, message in bad_calls:
+        with pytest.raises(AccountingInputError, match=message):
+            ledger.append(**kwargs)
+    assert filled.read_bytes() == before
+
+
+def test_a_second_writer_is_detected(filled):
+    first, second = Ledger(filled), Ledger(filled)
+    first.append(client="a", round=2, event=pg())
+    with pytest.raises(LedgerCorruptError, match="changed on disk"):
+        second.append(client="a", round=2, event=pg())
+    assert len(Ledger(filled)) == 4
