@@ -48,13 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click usage errors come through standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.UsageError):
+    except Exception as exc:  # usage errors come through standalone_mode=False
+        # typer may vendor its own click: take the exception classes from typer itself
+        click_exc = typer.BadParameter.__mro__[1]  # UsageError of whichever click typer uses
+        if isinstance(exc, click_exc):
             print(f"error: {exc.format_message()}", file=sys.stderr)
             sys.exit(EXIT_INPUT_ERROR)
-        if isinstance(exc, click.exceptions.ClickException):
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # other ClickExceptions
             exc.show()
             sys.exit(exc.exit_code)
         raise
