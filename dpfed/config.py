@@ -41,6 +41,7 @@ class ModelConfig:
     target_modules: tuple[str, ...] | None = field(default=None, metadata={"help": "Linear layer names; default per family"})
     adapt_layers: tuple[int, ...] | None = field(default=None, metadata={"help": "layer indices to adapt (negative from the top); default all"})
     max_length: int = field(default=64, metadata={"help": "tokens per example after truncation"})
+    prefix_cache: bool = field(default=True, metadata={"help": "cache frozen hidden states below the lowest adapted layer"})
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and bool(self.name), f"model.name must be a non-empty string, got {self.name!r}")
@@ -82,13 +83,15 @@ class InitConfig:
     strategy: str = field(default="public", metadata={"help": "public | random (data-free)"})
     public_examples: int = field(default=512, metadata={"help": "public records used for the gradient-sign estimate"})
     lr: float = field(default=1e-3, metadata={"help": "lr_eff of the estimated first update ΔW ≈ -lr·sign(Σ∇W)"})
-    head_epochs: int = field(default=30, metadata={"help": "epochs fitting the head on public features before the estimate"})
+    head_epochs: int = field(default=30, metadata={"help": "LBFGS iterations fitting the head on public features"})
+    head: str = field(default="public", metadata={"help": "classification head init: public (fit on the public slice) | random"})
 
     def __post_init__(self) -> None:
         _check(self.strategy in ("public", "random"), f"init must be 'public' or 'random', got {self.strategy!r}")
         _pos_int("init.public_examples", self.public_examples)
         _finite_pos("init.lr", self.lr)
         _pos_int("init.head_epochs", self.head_epochs, 0)
+        _check(self.head in ("public", "random"), f"init.head must be 'public' or 'random', got {self.head!r}")
 
 
 @dataclass(frozen=True)

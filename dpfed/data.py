@@ -184,6 +184,7 @@ class TokenizedShard:
     ids: list[list[int]]
     labels: torch.Tensor | None
     pad_id: int
+    hidden: list[torch.Tensor] | None = None  # cached frozen-prefix states, (T_i, d) per record
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -198,6 +199,12 @@ class TokenizedShard:
             ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
         out = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if self.hidden is not None:
+            d = self.hidden[indices[0]].shape[-1] if indices else 1
+            h = torch.zeros((len(indices), longest, d), dtype=torch.float32)
+            for row, i in enumerate(indices):
+                h[row, : self.hidden[i].shape[0]] = self.hidden[i]
+            out["hidden"] = h.to(device)
         if self.labels is not None:
             out["labels"] = self.labels[indices].to(device)
         return out
@@ -222,3 +229,17 @@ def load_tokenizer(path: str):
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def attach_prefix_cache(model, shard: TokenizedShard, *, batch_size: int = 256,
+                        device: torch.device | str = "cpu") -> None:
+    """Compute each record's frozen-prefix hidden states once (the client does this on its own data)."""
+    order = sorted(range(len(shard)), key=lambda i: len(shard.ids[i]))
+    hidden: list[torch.Tensor | None] = [None] * len(shard)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        b = shard.batch(idx, device)
+        h = model.bottom(b["input_ids"], b["attention_mask"]).float().cpu()  # (B, T, d)
+        for row, i in enumerate(idx):
+            hidden[i] = h[row, : len(shard.ids[i])].clone()
+    shard.hidden = hidden  # type: ignore[assignment]

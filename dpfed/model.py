@@ -77,13 +77,54 @@ class SequenceClassifier(nn.Module):
     def config(self):  # noqa: D401 - mirrors transformers' attribute
         return self.encoder.config
 
-    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+    # -- frozen-prefix cache -------------------------------------------------------------
+    # Below the lowest adapted layer every weight is frozen and the model runs in eval mode, so
+    # the hidden states there are a fixed function of the input: a client may compute them once
+    # per record and train only the layers above. Supported for BERT-family encoders and
+    # checked against the full forward before it is used (``prefix_matches``).
+    prefix_start: int = 0
+
+    def _layers(self) -> nn.ModuleList:
+        return self.encoder.encoder.layer
+
+    def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    def bottom(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states entering layer ``prefix_start`` (B, T, d); no gradient."""
+        with torch.no_grad():
+            h = self.encoder.embeddings(input_ids=input_ids)
+            mask = self._mask(h, attention_mask)
+            for layer in self._layers()[: self.prefix_start]:
+                h = layer(h, mask)
+        return h
+
+    def _top(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = self._mask(hidden, attention_mask)
+        for layer in self._layers()[self.prefix_start:]:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    def prefix_matches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, atol: float = 1e-4) -> bool:
+        with torch.no_grad():
+            full = self(input_ids, attention_mask)
+            split = self(input_ids, attention_mask, hidden=self.bottom(input_ids, attention_mask))
+        return bool(torch.allclose(full, split, atol=atol))
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               hidden: torch.Tensor | None = None) -> torch.Tensor:
+        if hidden is None:
+            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+        else:
+            out = self._top(hidden, attention_mask)  # (B, T, d)
         m = attention_mask.unsqueeze(-1).to(out.dtype)  # (B, T, 1)
         return (out * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pooled(input_ids, attention_mask).float())  # (B, num_labels)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.pooled(input_ids, attention_mask, hidden).float())  # (B, num_labels)
 
 
 def load_base(name: str, *, task: str, num_labels: int = 2, dtype: torch.dtype = torch.float32) -> nn.Module:

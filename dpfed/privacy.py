@@ -63,7 +63,7 @@ def poisson_sample(n: int, q: float, *, generator: torch.Generator) -> torch.Ten
 def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: str) -> torch.Tensor:
     """One loss per example, shape (B,). Causal LM: mean next-token loss over the example's tokens."""
     if task == "classification":
-        logits = model(batch["input_ids"], batch["attention_mask"])  # (B, K)
+        logits = model(batch["input_ids"], batch["attention_mask"], hidden=batch.get("hidden"))  # (B, K)
         return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1].float()  # (B, T-1, V)

@@ -22,14 +22,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from dpfed import config as config_mod
-from dpfed.adapters.init import init_head_random, init_public, init_random
+from dpfed.adapters.init import fit_head_public, init_head_random, init_public, init_random
 from dpfed.adapters.lorasb import LoRASBLinear, load_trainable_state, trainable_state
 from dpfed.aggregation import FedSBAggregator
 from dpfed.client import Budget, Client, LocalTraining
 from dpfed.config import RunConfig
-from dpfed.data import Splits, TokenizedShard, load_records, load_tokenizer, split_and_partition, tokenize
+from dpfed.data import Splits, TokenizedShard, attach_prefix_cache, load_records, load_tokenizer, split_and_partition, tokenize
 from dpfed.errors import ConfigError, DataError
-from dpfed.model import DEFAULT_TARGETS, load_base, model_family, inject_lorasb, resolve_model_path, select_targets
+from dpfed.model import DEFAULT_TARGETS, SequenceClassifier, _layer_index, load_base, model_family, inject_lorasb, resolve_model_path, select_targets
 from dpfed.payload import FRAMING_BYTES, KIND_DOWN, KIND_UP, Manifest, encode
 from dpfed.privacy import DPSGDParams, make_generator, new_seed, per_example_loss
 
@@ -112,16 +112,41 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop) -> Job:
     progress("setup", {"stage": "init", "strategy": cfg.init.strategy})
     gen = make_generator(_child_seed(seed, 2))
     init_info: dict[str, float] = {}
+    init_head_random(model, generator=gen)
+    needs_public = cfg.init.strategy == "public" or (cfg.init.head == "public" and isinstance(model, SequenceClassifier))
+    public = tokenize(splits.public, tokenizer, max_length=ml) if needs_public else None
+    if public is not None and len(public) == 0:
+        raise DataError("init needs public records, got 0 (raise data.public_fraction, or use init strategy/head 'random')")
+    if cfg.init.head == "public" and isinstance(model, SequenceClassifier):
+        init_info.update(fit_head_public(model, public, examples=cfg.init.public_examples, epochs=cfg.init.head_epochs,
+                                         generator=gen, device=device))
     if cfg.init.strategy == "random":
         init_random(adapters, generator=gen)
-        init_head_random(model, generator=gen)
     else:
-        public = tokenize(splits.public, tokenizer, max_length=ml)
-        init_head_random(model, generator=gen)
-        init_info = init_public(model, adapters, public, task=task, lr=cfg.init.lr, num_examples=cfg.init.public_examples,
-                                head_epochs=cfg.init.head_epochs, generator=gen, device=device)
+        init_info.update(init_public(model, adapters, public, task=task, lr=cfg.init.lr,
+                                     num_examples=cfg.init.public_examples, generator=gen, device=device))
+    if cfg.model.prefix_cache and isinstance(model, SequenceClassifier):
+        progress("setup", {"stage": "prefix cache"})
+        init_info.update(_enable_prefix_cache(model, names, shards + [test], device))
     return Job(cfg, model, adapters, tokenizer, splits, test, shards, device, autocast_dtype, seed, seed_is_user,
                sigma, init_info, time.time() - t0)
+
+
+def _enable_prefix_cache(model: SequenceClassifier, names: list[str], shards: list[TokenizedShard],
+                         device: torch.device) -> dict[str, float]:
+    """Cache hidden states below the lowest adapted layer when the split forward is exact."""
+    start = min((_layer_index(n) for n in names if _layer_index(n) is not None), default=0)
+    if start == 0 or getattr(model.config, "model_type", "") not in ("bert", "roberta", "xlm-roberta", "electra"):
+        return {"prefix_cache_layers": 0.0}
+    model.prefix_start = start
+    probe = shards[-1].batch(range(min(8, len(shards[-1]))), device)
+    if not model.prefix_matches(probe["input_ids"], probe["attention_mask"]):
+        log.warning("frozen-prefix cache disabled: the split forward does not match the full forward")
+        model.prefix_start = 0
+        return {"prefix_cache_layers": 0.0}
+    for shard in shards:
+        attach_prefix_cache(model, shard, device=device)
+    return {"prefix_cache_layers": float(start)}
 
 
 def calibrate(cfg: RunConfig, sizes: list[int]) -> float:
@@ -142,7 +167,7 @@ def evaluate(model: nn.Module, data: TokenizedShard, *, task: str, device: torch
         for start in range(0, n, batch_size):
             batch = data.batch(order[start:start + batch_size], device)
             if task == "classification":
-                logits = model(batch["input_ids"], batch["attention_mask"]).float()  # (B, K)
+                logits = model(batch["input_ids"], batch["attention_mask"], hidden=batch.get("hidden")).float()  # (B, K)
                 losses.append(F.cross_entropy(logits, batch["labels"], reduction="none").cpu())
                 correct += int((logits.argmax(-1) == batch["labels"]).sum())
             else:

@@ -5,9 +5,11 @@
 - ``public``: LoRA-SB's estimate of the first full fine-tuning update (arXiv 2411.19557, Sec. 3.2,
   and the reference code): ``ΔW ≈ -lr · sign(Σ_i ∇_W L_i)`` summed over public examples with the
   adapted base weights made trainable for this one pass, then a truncated SVD
-  ``ΔW ≈ U_r S_r V_rᵀ`` gives ``B = U_r``, ``A = V_rᵀ``, ``R = diag(S_r)``. A classification head is
-  first fitted on the same public records (frozen features, logistic regression), so that the
-  gradient through it is informative. The records come from the split the config declares public.
+  ``ΔW ≈ U_r S_r V_rᵀ`` gives ``B = U_r``, ``A = V_rᵀ``, ``R = diag(S_r)``. The records come from
+  the split the config declares public.
+
+A classification head is either random or fitted on the public records (frozen features,
+logistic regression); fit it before ``init_public`` so that the gradient through it is informative.
 
 The server computes B and A once and broadcasts them: every client holds the same factors.
 """
@@ -62,9 +64,12 @@ def init_head_random(model: nn.Module, *, generator: torch.Generator) -> None:
             model.head.bias.zero_()
 
 
-def fit_head_public(model: SequenceClassifier, public: TokenizedShard, *, epochs: int, weight_decay: float = 1e-2,
-                    batch_size: int = 256, device: torch.device | str = "cpu") -> float:
-    """Logistic regression of the head on frozen pooled features of public records; returns train accuracy."""
+def fit_head_public(model: SequenceClassifier, public: TokenizedShard, *, examples: int, epochs: int,
+                    generator: torch.Generator, weight_decay: float = 1e-2, batch_size: int = 256,
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """L2-regularised logistic regression of the head on frozen pooled features of public records."""
+    sel = torch.randperm(len(public), generator=generator)[: min(examples, len(public))].tolist()
+    public = TokenizedShard([public.ids[i] for i in sel], public.labels[sel], public.pad_id)
     feats, labels = [], []
     with torch.no_grad():
         for start in range(0, len(public), batch_size):
@@ -89,11 +94,11 @@ def fit_head_public(model: SequenceClassifier, public: TokenizedShard, *, epochs
         model.head.weight.copy_(w)
         model.head.bias.copy_(bias)
         acc = float(((x @ w.T + bias).argmax(1) == y).float().mean())
-    return acc
+    return {"head_public_examples": float(len(public)), "head_public_accuracy": acc}
 
 
 def init_public(model: nn.Module, adapters: dict[str, LoRASBLinear], public: TokenizedShard, *, task: str,
-                lr: float, num_examples: int, head_epochs: int, generator: torch.Generator,
+                lr: float, num_examples: int, generator: torch.Generator,
                 batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, float]:
     """Gradient-sign estimate on public records and truncated SVD (see module docstring)."""
     n = min(num_examples, len(public))
@@ -103,9 +108,6 @@ def init_public(model: nn.Module, adapters: dict[str, LoRASBLinear], public: Tok
         raise DataError("init 'public' needs public records, got 0 (raise data.public_fraction or use init: random)")
     sel = torch.randperm(len(public), generator=generator)[:n].tolist()
     info: dict[str, float] = {"public_examples": float(n)}
-    if isinstance(model, SequenceClassifier):
-        sub = TokenizedShard([public.ids[i] for i in sel], public.labels[sel], public.pad_id)
-        info["head_public_accuracy"] = fit_head_public(model, sub, epochs=head_epochs, device=device)
     # zero the adapters so the estimate is taken at W0, and make the adapted base weights trainable
     for layer in adapters.values():
         layer.set_factors(B=torch.zeros_like(layer.B), A=torch.zeros_like(layer.A), R=torch.zeros_like(layer.R))

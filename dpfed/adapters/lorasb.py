@@ -4,9 +4,9 @@ LoRA-SB (Ponkshe et al., arXiv 2411.19557, Sec. 3) and Fed-SB (Singhal et al., a
 Sec. 4): because every client holds the same ``B`` and ``A``, the mean of ``B R_i A`` is
 ``B mean(R_i) A`` and averaging ``R`` is exact.
 
-Per-sample gradients. In a DP step the layer is given a per-sample copy of ``R`` of shape
-(batch, r, r) by :func:`per_sample_mode`. The forward then computes ``h_b = u_b R_bᵀ`` with a
-batched matmul, and autograd's backward of that matmul *is* the fused r×r einsum of
+Per-sample gradients. In a DP step the layer is given a per-sample leaf of ``R`` of shape
+(batch, r, r) by :func:`per_sample_mode` (a stride-0 expanded view: no copy is made). The
+forward then computes ``h_b = u_b R_bᵀ`` with a batched matmul, and autograd's backward of that matmul *is* the fused r×r einsum of
 REFERENCE.md: ``∂L_b/∂R_b = Σ_t (Bᵀ g_bt)(A x_bt)ᵀ = einsum('bto,bti->boi', grad_h, u)``. No
 hooks over frozen weights are involved, and frozen weights never get a gradient.
 """
@@ -65,7 +65,11 @@ class LoRASBLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        u = x.to(self.A.dtype) @ self.A.T  # (..., r)
+        if not torch.is_autocast_enabled(x.device.type):
+            # Under autocast the matmul casts x itself; an explicit fp32 copy of x would add two
+            # (B, T, d_in) casts per layer in the forward and two more in the backward.
+            x = x.to(self.A.dtype)
+        u = x @ self.A.T  # (..., r)
         ps = self._per_sample_R
         if ps is None:
             h = u @ self.R.T  # (..., r)
@@ -74,7 +78,9 @@ class LoRASBLinear(nn.Module):
             u3 = u.unsqueeze(1) if squeeze else u.reshape(u.shape[0], -1, self.rank)  # (B, T, r)
             h = torch.bmm(u3, ps.transpose(1, 2))  # (B, T, r); backward gives einsum('bto,bti->boi')
             h = h.squeeze(1) if squeeze else h.reshape(u.shape)
-        delta = (h @ self.B.T) * self.scale  # (..., d_out)
+        delta = h @ self.B.T  # (..., d_out)
+        if self.scale != 1.0:
+            delta = delta * self.scale
         return y + delta.to(y.dtype)
 
 
@@ -125,7 +131,10 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 @contextlib.contextmanager
 def per_sample_mode(model: nn.Module, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Give every trainable parameter a (batch, ...) leaf copy for one forward/backward.
+    """Give every trainable parameter a (batch, ...) leaf for one forward/backward.
+
+    The leaves are stride-0 expanded views of the parameters (never written to); autograd
+    still gives each a dense (batch, ...) gradient.
 
     Yields name → per-sample leaf tensor; after ``backward`` of the *summed* per-example
     losses, ``leaf.grad[b]`` is the gradient of example b's loss. Raises if the model has a
@@ -138,14 +147,15 @@ def per_sample_mode(model: nn.Module, batch_size: int) -> Iterator[dict[str, tor
     try:
         for name, mod in model.named_modules():
             if isinstance(mod, LoRASBLinear):
-                leaf = mod.R.detach().unsqueeze(0).repeat(batch_size, 1, 1).requires_grad_(True)
+                # a stride-0 view of R, not a copy (saves B·r² floats per layer); grads are still (B, r, r)
+                leaf = mod.R.detach().unsqueeze(0).expand(batch_size, -1, -1).requires_grad_(True)
                 mod._per_sample_R = leaf
                 leaves[f"{name}.R" if name else "R"] = leaf
                 owned.add(id(mod.R))
                 touched.append(mod)
             elif isinstance(mod, PerSampleLinear):
-                w = mod.weight.detach().unsqueeze(0).repeat(batch_size, 1, 1).requires_grad_(True)
-                b = mod.bias.detach().unsqueeze(0).repeat(batch_size, 1).requires_grad_(True)
+                w = mod.weight.detach().unsqueeze(0).expand(batch_size, -1, -1).requires_grad_(True)
+                b = mod.bias.detach().unsqueeze(0).expand(batch_size, -1).requires_grad_(True)
                 mod._per_sample = (w, b)
                 prefix = f"{name}." if name else ""
                 leaves[prefix + "weight"] = w

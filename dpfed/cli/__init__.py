@@ -7,6 +7,7 @@ Only the CLI configures logging and printing. Errors caused by input (``DpfedErr
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import typer
@@ -23,12 +24,13 @@ EXIT_INPUT_ERROR = 2
 
 
 def _register() -> None:
-    from dpfed.cli import budget, comm, plan, train
+    from dpfed.cli import audit, budget, comm, plan, train
 
     app.command("train")(train.train)
     app.command("plan")(plan.plan)
     app.command("budget")(budget.budget)
     app.command("comm")(comm.comm)
+    app.command("audit")(audit.audit)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,6 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     from dpfed.errors import DpfedError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # third-party chatter (download/loading bars, load reports) would break the one-line error contract
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _register()
     try:
         app(args=argv, standalone_mode=False)
