@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/dpfed train --config configs/demo.yaml --epsilon 3 --out runs/demo
+	$(VENV)/bin/dpfed train --config configs/demo.yaml --epsilon 3
 
 test: install
 	$(PY) -m pytest -q

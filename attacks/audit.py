@@ -1,6 +1,7 @@
 """Audit one training run: rebuild its initial and final models, score canaries and records, bound epsilon.
 
-Inputs, all in the run directory (nothing else is read, nothing there is modified):
+Inputs, all in the run directory (besides the base model and its tokenizer, nothing else is read;
+:func:`audit_run` writes nothing, :mod:`attacks.report` writes the reports):
 
 * ``config.yaml``: the run's :class:`dpfed.config.RunConfig` (model, task, max_length, delta);
 * ``initial_state.safetensors``: the global trainable state before training, keys as in
@@ -23,8 +24,8 @@ Method:
   been right;
 * real-record attacks on ``attack_records.json``: loss attack (``-loss_final``) and reference attack
   (``loss_initial - loss_final``; the model before fine-tuning is the free reference): AUC with a
-  bootstrap interval, TPR at 1% and 0.1% FPR with Clopper-Pearson intervals, ROC curves, and a
-  mu-GDP point estimate (Dong, Roth & Su, arXiv 1905.02383);
+  bootstrap interval, TPR at 1% and 0.1% FPR with Clopper-Pearson intervals, ROC curves, and
+  mu-GDP estimates (Dong, Roth & Su, arXiv 1905.02383), from the AUC and from the best ROC point;
 * verdict: ``no-claim`` for runs without DP; ``violation`` when epsilon_LB > epsilon claimed, else
   ``consistent``.
 """
@@ -149,6 +150,9 @@ def load_run(run_dir: str | Path) -> RunFiles:
     initial = _load_safetensors(run_dir / "initial_state.safetensors")
     adapter = _load_safetensors(run_dir / "adapter" / "lorasb.safetensors")
     meta = _load_json(run_dir / "adapter" / "lorasb_config.json", required=False) or {}
+    if not (run_dir / CANARIES_FILE).is_file():
+        raise DataError(f"{run_dir / CANARIES_FILE}: not found; the run was trained without canaries and cannot be "
+                        f"audited (train it with canaries)")
     canaries = load_canaries(run_dir / CANARIES_FILE)
     records_path = run_dir / ATTACK_RECORDS_FILE
     attack_records = load_attack_records(records_path) if records_path.exists() else None
@@ -292,27 +296,35 @@ def guesses_per_side(m: int, k_fraction: float) -> int:
     return max(1, int(math.floor(k_fraction * m)))
 
 
-def gdp_estimate(fpr: np.ndarray, tpr: np.ndarray, *, n_pos: int, n_neg: int, delta: float) -> dict[str, Any]:
-    """Largest mu over the ROC points of a threshold test, and its epsilon at ``delta``. An estimate, not a bound.
+def gdp_estimate(*, auc: float, fpr: np.ndarray, tpr: np.ndarray, n_pos: int, n_neg: int, delta: float) -> dict[str, Any]:
+    """mu-GDP estimates of one attack, and their epsilon at ``delta``. Estimates, not bounds.
 
-    mu = Phi^-1(1 - FPR) - Phi^-1(FNR) (Dong, Roth & Su, arXiv 1905.02383, Definition 2.7) at every ROC
-    point, with rates ``(count + 0.5) / (n + 1)`` so that a point with no error gives a finite mu; the
-    best point is picked on the same data, so the estimate is optimistic.
+    Headline: the mu whose Gaussian trade-off curve has the observed AUC. Under mu-GDP the worst-case
+    test separates N(0, 1) from N(mu, 1) (Dong, Roth & Su, arXiv 1905.02383, Definition 2.7), whose
+    AUC is Phi(mu / sqrt 2), so ``mu = sqrt(2) Phi^-1(AUC)`` (0 when AUC <= 1/2). It uses the whole
+    ROC curve and needs no threshold. Also reported: the largest ``Phi^-1(1 - FPR) - Phi^-1(FNR)`` over
+    the ROC points, with rates ``(count + 0.5) / (n + 1)`` so that a point without errors stays
+    finite; that maximum is picked on the same data and is optimistic, badly so for small n.
     """
+    from scipy import special
+
+    a = min(float(auc), 1.0 - 0.5 / (n_pos * n_neg + 1))  # AUC = 1 would give mu = inf
+    mu = max(0.0, math.sqrt(2.0) * float(special.ndtri(a))) if a > 0.5 else 0.0
     fp = np.rint(np.asarray(fpr) * n_neg)
     fn = n_pos - np.rint(np.asarray(tpr) * n_pos)
     fpr_c = (fp + 0.5) / (n_neg + 1)
     fnr_c = (fn + 0.5) / (n_pos + 1)
-    mus = np.array([mt.gdp_mu_from_rates(fpr=float(a), fnr=float(b)) for a, b in zip(fpr_c, fnr_c)])
+    mus = np.array([mt.gdp_mu_from_rates(fpr=float(x), fnr=float(y)) for x, y in zip(fpr_c, fnr_c)])
     i = int(np.argmax(mus))
-    mu = max(0.0, float(mus[i]))
+    mu_best = max(0.0, float(mus[i]))
     return {
         "mu": mu,
         "epsilon": mt.gdp_epsilon(mu=mu, delta=delta) if mu > 0 else 0.0,
         "delta": delta,
-        "fpr": float(fpr_c[i]),
-        "fnr": float(fnr_c[i]),
-        "kind": "estimate (best ROC point, continuity-corrected rates; not a bound)",
+        "kind": "estimate from the AUC (mu = sqrt(2) Phi^-1(AUC)); not a bound",
+        "best_point": {"mu": mu_best, "epsilon": mt.gdp_epsilon(mu=mu_best, delta=delta) if mu_best > 0 else 0.0,
+                       "fpr": float(fpr_c[i]), "fnr": float(fnr_c[i]),
+                       "kind": "largest mu over ROC points (continuity-corrected rates); optimistic"},
     }
 
 
@@ -324,13 +336,14 @@ def attack_metrics(scores: np.ndarray, members: np.ndarray, *, confidence: float
     fpr, tpr, _ = mt.roc_curve(scores, members)
     lo, hi = mt.bootstrap_auc_ci(scores, members, rng=np.random.default_rng(BOOTSTRAP_SEED), n_boot=N_BOOT,
                                  confidence=confidence)
-    out: dict[str, Any] = {"n_members": n_pos, "n_non_members": n_neg, "auc": mt.auc(scores, members), "auc_ci": [lo, hi]}
+    area = mt.auc(scores, members)
+    out: dict[str, Any] = {"n_members": n_pos, "n_non_members": n_neg, "auc": area, "auc_ci": [lo, hi]}
     for key, target in LOW_FPRS.items():
         t = mt.tpr_at_fpr(scores, members, target, confidence=confidence)
         t["fpr_target"] = target
         t["resolvable"] = n_neg * target >= 1.0  # below 1/n_neg the only feasible FPR is 0
         out[key] = t
-    out["gdp"] = gdp_estimate(fpr, tpr, n_pos=n_pos, n_neg=n_neg, delta=delta)
+    out["gdp"] = gdp_estimate(auc=area, fpr=fpr, tpr=tpr, n_pos=n_pos, n_neg=n_neg, delta=delta)
     out["roc"] = {"fpr": [round(float(x), 7) for x in fpr], "tpr": [round(float(x), 7) for x in tpr]}
     return out
 
@@ -560,7 +573,8 @@ def _limitations(claim: dict[str, Any], one_run: dict[str, Any], ceiling: float,
         "the lower bound and the claimed epsilon is expected and does not measure how private the model is.",
         "This is a record-level (example-level) audit. It does not test client-level privacy (whether a client "
         "took part, or all of one client's records together), which this run does not claim either.",
-        "The canaries are random-word texts with random labels, made to be easy to memorise. Real records are "
+        "The canaries are random-word texts (with random labels for classification), made to be easy to "
+        "memorise. Real records are "
         "usually less exposed; a stronger attack (more canaries, gradient canaries, the per-round updates that "
         "the server sees) could show more.",
         "The auditor sees only the initial and final models, not the per-round updates; the claim covers those too.",

@@ -119,7 +119,7 @@ def figures(result: dict[str, Any]) -> dict[str, str]:
         out["canaries"] = _png(fig)
     bars = [("ε lower bound\n(one-run audit)", result.get("epsilon_lower_bound")),
             ("audit ceiling\n(all guesses right)", result.get("epsilon_lower_bound_ceiling")),
-            ("μ-GDP estimate\n→ ε", result.get("gdp_epsilon")),
+            ("μ-GDP estimate → ε\n(not a bound)", result.get("gdp_epsilon")),
             ("claimed ε\n(accountant)", result.get("epsilon_claimed"))]
     bars = [(k, v) for k, v in bars if v is not None and math.isfinite(v)]
     if bars:
@@ -222,8 +222,9 @@ _ATTACK_HEADER = ["attack", "members / non-members", "AUC [95% CI]", "TPR at 1% 
 def _method_text(r: dict[str, Any]) -> list[str]:
     o = r.get("one_run") or {}
     return [
-        f"Canaries: {r.get('canaries')} {o.get('canary_kind')} texts of {o.get('canary_length')} words with random "
-        "labels, each included in a client shard independently with probability 1/2 before training, and trained "
+        f"Canaries: {r.get('canaries')} texts of {o.get('canary_length')} random vocabulary words (kind "
+        f"{o.get('canary_kind')})" + (" with random labels" if r.get("task") == "classification" else "")
+        + ", each included in a client shard independently with probability 1/2 before training, and trained "
         "on with the same sampling, clipping and noise as every other record.",
         f"Score: {o.get('score')}. The auditor guesses 'in' for the {r.get('k_plus')} highest and 'out' for the "
         f"{r.get('k_minus')} lowest scores ({o.get('k_rule')}) and abstains on the rest.",
@@ -232,8 +233,9 @@ def _method_text(r: dict[str, Any]) -> list[str]:
         "Real-record attacks: members drawn from the client shards, non-members from a held-out pool carved out "
         "before training. Loss attack: −loss(final). Reference attack: loss(before fine-tuning) − loss(final), the "
         "log-likelihood ratio against the model before fine-tuning, which saw no private record.",
-        "μ-GDP (Dong, Roth & Su, arXiv 1905.02383): μ = Φ⁻¹(1−FPR) − Φ⁻¹(FNR) at the best ROC point, converted "
-        "to ε at the run's δ, shown next to the accountant's ε.",
+        "μ-GDP (Dong, Roth & Su, arXiv 1905.02383): the μ whose Gaussian trade-off curve has the attack's AUC, "
+        "μ = √2·Φ⁻¹(AUC), converted to ε at the run's δ and shown next to the accountant's ε; audit.json also "
+        "holds the larger, optimistic μ = Φ⁻¹(1−FPR) − Φ⁻¹(FNR) at the best ROC point.",
     ]
 
 

@@ -14,10 +14,14 @@ per-sample clipping and noise where DP, optimizer step) of
      ``A`` and ``B`` linears, under Opacus ghost clipping (``grad_sample_mode="ghost"``).
 
 All steps use the same causal-LM loss (mean next-token cross-entropy per sequence) and SGD.
-CUDA: CUDA events, warm-up, median over the timed steps, peak memory from
-``torch.cuda.max_memory_allocated`` (reset per configuration, measured above the resident
-template model), bf16 autocast over a bf16 frozen base with the adapters in fp32.
-CPU: ``time.perf_counter``, fp32, no autocast, tiny shapes.
+The methods' steps are interleaved (round robin, one step each in turn) after a warm-up, and
+the median over the timed steps is reported.
+CUDA: CUDA events (a synchronize after each step, none inside), peak memory of one step from
+``torch.cuda.max_memory_allocated`` (reset before it, measured above what was resident), the
+number of synchronising CUDA calls in one step, bf16 autocast over a bf16 frozen base with the
+adapters in fp32. CPU: ``time.perf_counter``, fp32, no autocast, tiny shapes.
+"Adapter MiB" is what each configuration keeps resident beyond the frozen base (adapter
+parameters and buffers).
 Every configuration also reports the bytes autograd saved for backward in one step (activations,
 excluding parameters and buffers); Opacus keeps its hook activations outside autograd, so for
 d and e that column undercounts.
@@ -30,6 +34,7 @@ import copy
 import datetime
 import gc
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -43,7 +48,6 @@ from itertools import chain
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from dpfed.adapters.init import init_random
 from dpfed.adapters.lorasb import LoRASBLinear
@@ -116,7 +120,9 @@ class Result:
     label: str
     times_ms: list[float] = field(default_factory=list)
     median_ms: float | None = None
-    peak_bytes: int | None = None  # CUDA only: peak allocated above the resident template model
+    peak_bytes: int | None = None  # CUDA only: peak allocated during one step above what was resident before it
+    host_syncs: int | None = None  # CUDA only: synchronising calls in one step (sync debug mode)
+    adapter_bytes: int | None = None  # resident parameters and buffers beyond the frozen base model
     saved_bytes: int | None = None  # bytes autograd saved for backward in one step
     phases_ms: dict[str, float] | None = None  # method a only: median per phase
     error: str | None = None
@@ -214,10 +220,22 @@ def build_template(spec: ModelSpec, *, max_len: int, device: torch.device, dtype
     return model.to(dtype)
 
 
-def fedsb_model(template: nn.Module, *, rank: int, seed: int) -> tuple[nn.Module, dict[str, LoRASBLinear]]:
+def fedsb_model(template: nn.Module, *, rank: int, seed: int,
+                factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[nn.Module, dict[str, LoRASBLinear]]:
+    """A Fed-SB copy of ``template``: orthonormal B, A from ``init_random``, R = 0.
+
+    ``factors`` caches name → (B, A) across calls: the seeded QRs on the CPU take seconds at 1B
+    shapes and every Fed-SB configuration gets the same factors anyway.
+    """
     model = copy.deepcopy(template)
     adapters = inject_lorasb(model, select_targets(model, TARGETS), rank=rank)
-    init_random(adapters, generator=torch.Generator().manual_seed(seed))
+    if not factors:
+        init_random(adapters, generator=torch.Generator().manual_seed(seed))
+        factors.update({n: (layer.B.clone(), layer.A.clone()) for n, layer in adapters.items()})
+    else:
+        for n, layer in adapters.items():
+            B, A = factors[n]
+            layer.set_factors(B=B, A=A, R=torch.zeros(rank, rank))
     return model, adapters
 
 
@@ -258,8 +276,8 @@ class LatentLoRALinear(nn.Module):
         return y + delta.to(y.dtype)
 
 
-def latent_lora_model(template: nn.Module, *, rank: int, seed: int) -> nn.Module:
-    model, adapters = fedsb_model(template, rank=rank, seed=seed)
+def latent_lora_model(template: nn.Module, *, rank: int, seed: int, factors: dict) -> nn.Module:
+    model, adapters = fedsb_model(template, rank=rank, seed=seed, factors=factors)
     for name, layer in adapters.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, LatentLoRALinear(layer))
@@ -340,12 +358,14 @@ def _ghost_step(gsm: nn.Module, opt: torch.optim.Optimizer, criterion, s: Settin
     return step
 
 
-def setup(method: str, template: nn.Module, batches: list[dict[str, torch.Tensor]], s: Settings):
-    """Build method ``method``'s model and step; returns (step, modules to exclude from saved bytes)."""
+def setup(method: str, template: nn.Module, batches: list[dict[str, torch.Tensor]], s: Settings,
+          factors: dict | None = None):
+    """Build method ``method``'s model and step; returns (step, the model the step trains)."""
+    factors = {} if factors is None else factors
     bsz = batches[0]["input_ids"].shape[0]
     gen = make_generator(s.seed + 1, s.device)
     if method in ("a", "b"):
-        model, _ = fedsb_model(template, rank=s.rank, seed=s.seed)
+        model, _ = fedsb_model(template, rank=s.rank, seed=s.seed, factors=factors)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=s.lr)
         step = _fedsb_dp_step(model, opt, s, bsz, gen) if method == "a" else _mean_loss_step(model, opt, s)
         return step, model
@@ -358,7 +378,7 @@ def setup(method: str, template: nn.Module, batches: list[dict[str, torch.Tensor
         gsm, dp_opt, _ = make_private(model, opt, batches, mode="hooks", s=s, generator=gen)
         return _mean_loss_step(gsm, dp_opt, s), gsm
     if method == "e":
-        model = latent_lora_model(template, rank=s.rank, seed=s.seed)
+        model = latent_lora_model(template, rank=s.rank, seed=s.seed, factors=factors)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=s.lr)
         model.train()
         gsm, dp_opt, criterion = make_private(model, opt, batches, mode="ghost", s=s, generator=gen)
@@ -376,45 +396,88 @@ def make_batches(bsz: int, seq: int, *, vocab: int, count: int, device: torch.de
     return out
 
 
-def run_one(method: str, template: nn.Module, batches, shape: str, s: Settings) -> Result:
-    res = Result(shape=shape, method=method, label=METHODS[method])
+def _fail(res: Result, exc: BaseException, s: Settings) -> None:
+    if s.strict:
+        raise exc
+    res.error = f"{type(exc).__name__}: {exc}"
+    traceback.print_exc(file=sys.stderr)
+
+
+def _count_syncs(run: Callable[[], None]) -> int:
+    """Synchronising CUDA calls made by ``run`` (``torch.cuda.set_sync_debug_mode('warn')``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def _state_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
+
+
+def run_shape(template: nn.Module, batches: list[dict[str, torch.Tensor]], shape: str, s: Settings,
+              factors: dict | None = None) -> list[Result]:
+    """Time every method on ``batches``, interleaved step by step (round robin).
+
+    Round robin spreads slow drift and other processes' load on a shared machine evenly over the
+    methods. Memory is measured afterwards, one step per method with the peak counter reset.
+    """
     dev = s.device
+    results = {m: Result(shape=shape, method=m, label=METHODS[m]) for m in s.methods}
+    steps: dict[str, Callable] = {}
+    models: dict[str, nn.Module] = {}
+    for m in s.methods:
+        try:
+            steps[m], models[m] = setup(m, template, batches, s, factors)
+            for i in range(s.warmup):
+                steps[m](batches[i % len(batches)])
+            _sync(dev)
+        except Exception as exc:  # one failing baseline must not hide the others
+            _fail(results[m], exc, s)
+            steps.pop(m, None)
+            models.pop(m, None)
+    clocks = {m: Clock(dev) for m in steps}
+    for i in range(s.steps):
+        for m in list(steps):
+            try:
+                clocks[m].start()
+                steps[m](batches[i % len(batches)], clocks[m])
+                clocks[m].stop()
+                _sync(dev)  # no overlap between methods' steps
+            except Exception as exc:
+                _fail(results[m], exc, s)
+                del steps[m], models[m]
+    for m, step in steps.items():
+        res = results[m]
+        try:
+            res.times_ms, phases = clocks[m].results()
+            res.median_ms = statistics.median(res.times_ms)
+            if m == "a":
+                res.phases_ms = phases
+            if dev.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch.cuda.synchronize()
+                mem0 = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                step(batches[0])
+                torch.cuda.synchronize()
+                res.peak_bytes = torch.cuda.max_memory_allocated() - mem0
+                res.host_syncs = _count_syncs(lambda: step(batches[0]))
+            res.saved_bytes = saved_bytes(lambda: step(batches[0]), [models[m], template])
+            res.adapter_bytes = _state_bytes(models[m]) - _state_bytes(template)
+            _sync(dev)
+        except Exception as exc:
+            _fail(res, exc, s)
+    del steps, models
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.synchronize()
-        mem0 = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    step = model = None
-    try:
-        step, model = setup(method, template, batches, s)
-        for i in range(s.warmup):
-            step(batches[i % len(batches)])
-        _sync(dev)
-        clock = Clock(dev)
-        for i in range(s.steps):
-            clock.start()
-            step(batches[i % len(batches)], clock)
-            clock.stop()
-        res.times_ms, phases = clock.results()
-        res.median_ms = statistics.median(res.times_ms)
-        if method == "a":
-            res.phases_ms = phases
-        if dev.type == "cuda":
-            res.peak_bytes = torch.cuda.max_memory_allocated() - mem0
-        res.saved_bytes = saved_bytes(lambda: step(batches[0]), [model, template])
-        _sync(dev)
-    except Exception as exc:  # one failing baseline must not hide the others
-        if s.strict:
-            raise
-        res.error = f"{type(exc).__name__}: {exc}"
-        traceback.print_exc(file=sys.stderr)
-    finally:
-        del step, model
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    return res
+    return [results[m] for m in s.methods]
 
 
 # -- report --------------------------------------------------------------------------------
@@ -456,7 +519,8 @@ def format_table(results: list[Result], rats: dict, meta: dict) -> str:
         f"device: {meta['device']} | model: {meta['model']} (random init) | Fed-SB r={meta['rank']} | "
         f"LoRA r={meta['lora_rank']} | autocast: {meta['autocast']} | warm-up {meta['warmup']}, "
         f"timed steps {meta['steps']}",
-        f"{'shape':<8} {'method':<30} {'median ms':>10} {'min-max ms':>17} {'peak MiB':>9} {'saved MiB':>10}",
+        f"{'shape':<8} {'method':<30} {'median ms':>10} {'min-max ms':>17} {'step peak MiB':>14} "
+        f"{'saved MiB':>10} {'adapter MiB':>12} {'syncs':>6}",
     ]
     for r in results:
         if r.error:
@@ -464,7 +528,8 @@ def format_table(results: list[Result], rats: dict, meta: dict) -> str:
             continue
         spread = f"{min(r.times_ms):.1f}-{max(r.times_ms):.1f}"
         lines.append(f"{r.shape:<8} {r.method} {r.label:<28} {_fmt(r.median_ms):>10} {spread:>17} "
-                     f"{_mib(r.peak_bytes):>9} {_mib(r.saved_bytes):>10}")
+                     f"{_mib(r.peak_bytes):>14} {_mib(r.saved_bytes):>10} {_mib(r.adapter_bytes):>12} "
+                     f"{'-' if r.host_syncs is None else r.host_syncs:>6}")
     for shape, q in rats.items():
         lines.append(f"{shape}: time a/b {_fmt(q['time_a_over_b'], '.2f')}, a/c {_fmt(q['time_a_over_c'], '.2f')}, "
                      f"a/d {_fmt(q['time_a_over_d'], '.2f')}, a/e {_fmt(q['time_a_over_e'], '.2f')}; "
@@ -506,7 +571,8 @@ def build_settings(argv: list[str] | None) -> tuple[Settings, argparse.Namespace
     p.add_argument("--methods", default="a,b,c,d,e", help="subset of a,b,c,d,e")
     p.add_argument("--autocast", choices=["auto", "bf16", "none"], default="auto",
                    help="bf16 autocast over a bf16 base (default on CUDA) or fp32 (default on CPU)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--strict", action="store_true", help="stop at the first failing configuration")
@@ -547,7 +613,13 @@ def build_settings(argv: list[str] | None) -> tuple[Settings, argparse.Namespace
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"CPU {name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -574,13 +646,14 @@ def main(argv: list[str] | None = None) -> dict:
     max_len = max(t for _, t in s.shapes)
     template = build_template(s.model, max_len=max_len, device=s.device, dtype=s.base_dtype, seed=s.seed)
     results: list[Result] = []
+    factors: dict = {}  # Fed-SB B, A shared by a, b, e and across shapes
     for bsz, seq in s.shapes:
         shape = f"{bsz}x{seq}"
         batches = make_batches(bsz, seq, vocab=s.model.vocab, count=4, device=s.device, seed=s.seed + 7)
-        for m in s.methods:
-            results.append(run_one(m, template, batches, shape, s))
-            r = results[-1]
-            print(f"  {shape} {m}: {'FAILED' if r.error else f'{r.median_ms:.1f} ms'}", file=sys.stderr, flush=True)
+        for r in run_shape(template, batches, shape, s, factors):
+            results.append(r)
+            done = "FAILED" if r.error else f"{r.median_ms:.1f} ms"
+            print(f"  {shape} {r.method}: {done}", file=sys.stderr, flush=True)
     rats = ratios(results)
     print(format_table(results, rats, meta))
     report = {"meta": meta, "results": [asdict(r) for r in results], "ratios": rats}

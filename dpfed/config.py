@@ -127,6 +127,11 @@ class PrivacyConfig:
     delta: float = 1e-5
     clip: float = field(default=1.0, metadata={"help": "per-sample clipping norm C"})
     noise_multiplier: float | None = field(default=None, metadata={"help": "σ; calibrated from epsilon when unset"})
+    unit: str = field(default="record", metadata={"help": "record (local DP-SGD) | client (DP-FedAvg, trusted server) | both"})
+    client_clip: float = field(default=1.0, metadata={"help": "client-level: L2 clip S of each client's update (R and head delta)"})
+    client_noise_multiplier: float | None = field(default=None, metadata={"help": "client-level σ_c; calibrated from client_epsilon when unset"})
+    client_epsilon: float | None = field(default=None, metadata={"help": "client-level ε budget (server ledger, PRV upper bound)"})
+    client_delta: float | None = field(default=None, metadata={"help": "client-level δ; default: delta; must be < 1/num_clients"})
 
     def __post_init__(self) -> None:
         if self.enabled:
@@ -135,6 +140,30 @@ class PrivacyConfig:
         _finite_pos("clip", self.clip)
         if self.noise_multiplier is not None:
             _finite_pos("noise_multiplier", self.noise_multiplier)
+        _check(self.unit in ("record", "client", "both"), f"privacy.unit must be 'record', 'client' or 'both', got {self.unit!r}")
+        _finite_pos("client_clip", self.client_clip)
+        if self.client_noise_multiplier is not None:
+            _finite_pos("client_noise_multiplier", self.client_noise_multiplier)
+        if self.client_epsilon is not None:
+            _finite_pos("client_epsilon", self.client_epsilon)
+        if self.client_delta is not None:
+            _check(isinstance(self.client_delta, (int, float)) and 0 < self.client_delta < 1,
+                   f"client_delta must be in (0, 1), got {self.client_delta!r}")
+        if self.enabled and self.unit in ("client", "both"):
+            _check(self.client_noise_multiplier is not None or self.client_epsilon is not None,
+                   f"privacy.unit {self.unit!r} needs client_noise_multiplier or client_epsilon, got neither")
+
+    @property
+    def record_level(self) -> bool:
+        return self.enabled and self.unit in ("record", "both")
+
+    @property
+    def client_level(self) -> bool:
+        return self.enabled and self.unit in ("client", "both")
+
+    @property
+    def client_delta_value(self) -> float:
+        return self.client_delta if self.client_delta is not None else self.delta
 
 
 @dataclass(frozen=True)

@@ -58,10 +58,18 @@ class Job:
     noise_multiplier: float | None
     init_info: dict[str, float] = field(default_factory=dict)
     setup_seconds: float = 0.0
+    split_seed: int | None = None  # recorded in run.json (never the noise seed when it came from OS entropy)
+    client_noise_multiplier: float | None = None  # client-level σ_c (privacy.unit client|both)
 
     @property
     def dp(self) -> bool:
-        return self.cfg.privacy.enabled
+        """Record-level DP-SGD on the clients."""
+        return self.cfg.privacy.record_level
+
+    @property
+    def client_dp(self) -> bool:
+        """Client-level DP-FedAvg on the server."""
+        return self.cfg.privacy.client_level
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,17 +85,23 @@ def _child_seed(seed: int, *path: int) -> int:
     return int(np.random.SeedSequence([seed, *path]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def prepare(cfg: RunConfig, *, progress: Progress = _noop) -> Job:
-    """Validate the whole configuration against data and model and build the job. Writes nothing."""
+def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | None = None) -> Job:
+    """Validate the whole configuration against data and model and build the job. Writes nothing.
+
+    ``split_seed`` fixes the data split (resume); by default it derives from a user seed or is
+    drawn from OS entropy independently of the noise seed, so recording it reveals no noise.
+    """
     t0 = time.time()
     seed_is_user = cfg.seed is not None
     seed = cfg.seed if seed_is_user else new_seed()
+    if split_seed is None:
+        split_seed = _child_seed(seed, 1) if seed_is_user else new_seed()
     device = resolve_device(cfg.device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     task = cfg.model.task
     progress("setup", {"stage": "data"})
     records = load_records(cfg.data, task=task)
-    splits = split_and_partition(records, cfg.data, seed=_child_seed(seed, 1))
+    splits = split_and_partition(records, cfg.data, seed=split_seed)
     progress("setup", {"stage": "model"})
     path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(path)
@@ -105,7 +119,7 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop) -> Job:
     if cfg.train.batch_size > n_min:
         raise ConfigError(f"batch_size must be <= the smallest client shard ({n_min} records), got {cfg.train.batch_size}")
     sigma = None
-    if cfg.privacy.enabled:
+    if cfg.privacy.record_level:
         if cfg.privacy.delta >= 1.0 / n_min:
             raise ConfigError(f"delta must be < 1/n_min = {1.0 / n_min:.3g} (smallest client holds {n_min} records), got {cfg.privacy.delta:g}")
         sigma = cfg.privacy.noise_multiplier or calibrate(cfg, [len(s) for s in shards])
@@ -128,8 +142,9 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop) -> Job:
     if cfg.model.prefix_cache and isinstance(model, SequenceClassifier):
         progress("setup", {"stage": "prefix cache"})
         init_info.update(_enable_prefix_cache(model, names, shards + [test], device))
+    client_sigma = client_noise_multiplier(cfg) if cfg.privacy.client_level else None
     return Job(cfg, model, adapters, tokenizer, splits, test, shards, device, autocast_dtype, seed, seed_is_user,
-               sigma, init_info, time.time() - t0)
+               sigma, init_info, time.time() - t0, split_seed, client_sigma)
 
 
 def _enable_prefix_cache(model: SequenceClassifier, names: list[str], shards: list[TokenizedShard],
@@ -178,26 +193,257 @@ def evaluate(model: nn.Module, data: TokenizedShard, *, task: str, device: torch
     return out
 
 
-def _json_dump(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+RUN_JSON = "run.json"
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_JSON = "checkpoint.json"
+LEDGER = "ledger.jsonl"
+SERVER_LEDGER = "server_ledger.jsonl"
+SERVER_ID = "all-clients"  # the server ledger's one account: the client-level guarantee holds for every client
+CLIENT_TRUST = "requires a trusted aggregator (the server adds the noise)"
+
+
+def client_noise_multiplier(cfg: RunConfig) -> float:
+    """Client-level σ_c: given, or calibrated so that all planned rounds end at client_epsilon."""
+    p, n = cfg.privacy, cfg.data.num_clients
+    delta = p.client_delta_value
+    if delta >= 1.0 / n:
+        raise ConfigError(f"client_delta must be < 1/num_clients = {1.0 / n:.3g} for client-level DP, got {delta:g}")
+    if p.client_noise_multiplier is not None:
+        return p.client_noise_multiplier
+    from accounting.planning import calibrate_noise
+
+    return calibrate_noise(target_epsilon=p.client_epsilon, delta=delta,
+                           workloads=[(cfg.train.client_fraction, cfg.train.rounds)], unit="client")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write tmp, fsync, rename over ``path``, fsync the directory: readers see old or new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _json_dump(path: Path, obj: Any) -> None:
+    _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_checkpoint(run_dir: Path, *, round: int, global_state: dict[str, torch.Tensor],
+                    adapters: dict[str, LoRASBLinear], meta: dict[str, Any]) -> None:
+    """Atomically write the global trainable state, the frozen B and A, and ``meta`` (round, ledger heads).
+
+    The safetensors file carries its metadata inside, so the state and the round it belongs to
+    are replaced together; ``checkpoint.json`` is a readable copy written after it.
+    """
+    from safetensors.torch import save
+
+    tensors = {f"trainable/{k}": v.detach().cpu().contiguous() for k, v in global_state.items()}
+    for name, layer in adapters.items():
+        tensors[f"frozen/{name}.B"] = layer.B.detach().cpu().contiguous()
+        tensors[f"frozen/{name}.A"] = layer.A.detach().cpu().contiguous()
+    meta = {"round": round, **meta}
+    _atomic_write(run_dir / CHECKPOINT, save(tensors, metadata={"dpfed": json.dumps(meta)}))
+    _json_dump(run_dir / CHECKPOINT_JSON, meta)
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(meta, trainable state, frozen factors)`` from ``checkpoint.safetensors``."""
+    from safetensors import safe_open
+
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(f"{path}: no checkpoint (the run stopped before its first round began); start a new run")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads((fh.metadata() or {})["dpfed"])
+        trainable = {k[len("trainable/"):]: fh.get_tensor(k) for k in fh.keys() if k.startswith("trainable/")}
+        frozen = {k[len("frozen/"):]: fh.get_tensor(k) for k in fh.keys() if k.startswith("frozen/")}
+    return meta, trainable, frozen
+
+
+def _head(ledger) -> list:
+    seq, digest = ledger.head
+    return [seq, digest]
+
+
+def _open_ledger(path: Path, expected_head: list | None, fallback_events: Callable[[], list[tuple[str, int, Any]]]):
+    """Open a ledger for resuming; repair a torn last line conservatively (its event stays counted).
+
+    A complete torn fragment is re-appended as it was; an unparsable one is replaced by
+    ``fallback_events()``, the events that could have been in flight (over-count, never under-count).
+    """
+    from accounting.errors import LedgerCorruptError
+    from accounting.ledger import REAPPEND_NOTE, Ledger, reappend_torn
+
+    try:
+        ledger = Ledger(path)
+    except LedgerCorruptError as exc:
+        if "truncated last line" not in str(exc):
+            raise
+        ledger, torn = Ledger.recover(path)
+        if torn is not None and reappend_torn(ledger, torn) is None:
+            for client, rnd, event in fallback_events():
+                ledger.append(client=client, round=rnd, event=event, note=REAPPEND_NOTE)
+    if expected_head is not None:
+        Ledger(path, expected_head=(int(expected_head[0]), str(expected_head[1])))  # lines lost at the end?
+    return ledger
 
 
 def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any]:
     """Train for the configured rounds; write the run directory; return the summary."""
     from accounting.ledger import Ledger
+
+    cfg = job.cfg
+    run_dir.mkdir(parents=True, exist_ok=False)
+    config_text = config_mod.to_yaml(cfg)
+    (run_dir / "config.yaml").write_text(config_text)
+    if job.dp:
+        _json_dump(run_dir / "budget.json", {"epsilon": cfg.privacy.epsilon, "delta": cfg.privacy.delta,
+                                             "accountant": "prv", "privacy_unit": "record"})
+    ledger = Ledger(run_dir / LEDGER)
+    server_ledger = Ledger(run_dir / SERVER_LEDGER) if job.client_dp else None
+    global_state = trainable_state(job.model)
+    save_state(run_dir / "initial_state.safetensors", global_state)
+    eval0 = evaluate(job.model, job.test, task=cfg.model.task, device=job.device, batch_size=cfg.train.eval_batch_size,
+                     autocast_dtype=job.autocast_dtype)
+    # never the noise/sampling seed unless the user chose it: knowing it would let anyone subtract the noise
+    _json_dump(run_dir / RUN_JSON, {
+        "config_sha256": _sha256(config_text.encode()),
+        "split_seed": job.split_seed,
+        "seed": job.seed if job.seed_is_user else None,
+        "noise_multiplier": job.noise_multiplier,
+        "client_noise_multiplier": job.client_noise_multiplier,
+        "init_info": job.init_info,
+        "initial_eval": eval0,
+    })
+    save_checkpoint(run_dir, round=0, global_state=global_state, adapters=job.adapters,
+                    meta=_ckpt_meta(run_dir, ledger, server_ledger))
+    return _train(job, run_dir, ledger=ledger, server_ledger=server_ledger, global_state=global_state,
+                  start_round=1, seed=job.seed, eval0=eval0, progress=progress, resumed=None)
+
+
+def _ckpt_meta(run_dir: Path, ledger, server_ledger) -> dict[str, Any]:
+    return {"ledger_head": _head(ledger), "server_ledger_head": _head(server_ledger) if server_ledger else None,
+            "config_sha256": _sha256((run_dir / "config.yaml").read_bytes())}
+
+
+def resume(run_dir: Path, *, progress: Progress = _noop, device: str | None = None) -> dict[str, Any]:
+    """Continue a run from its last checkpoint and its ledgers; return the new summary.
+
+    Rounds the ledger holds beyond the checkpoint (a crash after a client appended its events
+    but before the round's checkpoint) stay counted: the resumed run over-counts, never under-counts.
+    Sampling and noise get fresh OS-entropy seeds unless the run was started with a user seed,
+    in which case per-round seeds derive from it and the resumed run is reproducible.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / RUN_JSON).is_file():
+        raise ConfigError(f"--resume must name a run directory with config.yaml and {RUN_JSON}, got '{run_dir}'")
+    config_text = (run_dir / "config.yaml").read_bytes()
+    info = json.loads((run_dir / RUN_JSON).read_text())
+    meta, trainable, frozen = load_checkpoint(run_dir)
+    digest = _sha256(config_text)
+    if digest != info["config_sha256"] or digest != meta["config_sha256"]:
+        raise ConfigError(f"{run_dir}/config.yaml changed since the run started (sha256 mismatch); refusing to resume")
+    cfg = config_mod.from_dict(__import__("yaml").safe_load(config_text))
+    if device is not None:
+        cfg = config_mod.override(cfg, device=device)
+    # rebuild data split and model; the adapter factors and state come from the checkpoint, so init is skipped
+    cheap = config_mod.override(cfg, **{"init.strategy": "random", "init.head": "random",
+                                        "privacy.noise_multiplier": info["noise_multiplier"],
+                                        "privacy.client_noise_multiplier": info.get("client_noise_multiplier")})
+    job = prepare(cheap, progress=progress, split_seed=int(info["split_seed"]))
+    job.cfg, job.init_info = cfg, info.get("init_info", {})
+    if info.get("seed") is None:  # the original seed came from OS entropy and was never recorded: draw a new one
+        job.seed, job.seed_is_user = new_seed(), False
+    else:
+        job.seed, job.seed_is_user = int(info["seed"]), True
+    for name, layer in job.adapters.items():
+        layer.set_factors(B=frozen[f"{name}.B"], A=frozen[f"{name}.A"], R=layer.R.detach())
+    load_trainable_state(job.model, trainable)
+    start = int(meta["round"]) + 1
+    n_clients = len(job.shards)
+    from accounting.events import PoissonGaussianEvent
+
+    def in_flight_record() -> list[tuple[str, int, Any]]:
+        evs = [] if not job.dp else [PoissonGaussianEvent(noise_multiplier=job.noise_multiplier, sample_rate=min(
+            1.0, cfg.train.batch_size / len(s)), count=cfg.train.local_steps) for s in job.shards]
+        return [(f"client-{i:03d}", start, ev) for i, ev in enumerate(evs)]
+
+    def in_flight_server() -> list[tuple[str, int, Any]]:
+        return [(SERVER_ID, start, _server_event(job))]
+
+    ledger = _open_ledger(run_dir / LEDGER, meta["ledger_head"], in_flight_record)
+    server_ledger = (_open_ledger(run_dir / SERVER_LEDGER, meta.get("server_ledger_head"), in_flight_server)
+                     if job.client_dp else None)
+    if job.dp:  # refuse at once if the ledger already holds more than the budget
+        from accounting.prv import epsilon as prv_epsilon
+
+        for i in range(n_clients):
+            cid = f"client-{i:03d}"
+            eps = prv_epsilon(ledger.events(cid), delta=cfg.privacy.delta).upper
+            if eps > cfg.privacy.epsilon:
+                raise ConfigError(f"client {cid} has already spent epsilon {eps:.4f} > budget {cfg.privacy.epsilon:g} "
+                                  f"(over by {eps - cfg.privacy.epsilon:.4f}); refusing to resume")
+    _truncate_metrics(run_dir / "metrics.jsonl", last_round=start - 1)
+    eval0 = info.get("initial_eval") or {}
+    log.info("resuming %s at round %d (ledger holds %d records)", run_dir, start, len(ledger))
+    return _train(job, run_dir, ledger=ledger, server_ledger=server_ledger, global_state=trainable_state(job.model),
+                  start_round=start, seed=job.seed, eval0=eval0, progress=progress,
+                  resumed={"from_round": start - 1, "ledger_records": len(ledger)})
+
+
+def _truncate_metrics(path: Path, *, last_round: int) -> None:
+    """Keep complete metric lines up to ``last_round`` (a crash may leave a later or torn line)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["round"] <= last_round:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break
+    _atomic_write(path, "".join(x + "\n" for x in keep).encode())
+
+
+def _server_event(job: Job):
+    from accounting.events import PoissonGaussianEvent
+
+    return PoissonGaussianEvent(noise_multiplier=job.client_noise_multiplier, sample_rate=job.cfg.train.client_fraction,
+                                count=1, unit="client")
+
+
+def _client_level_epsilon(job: Job, server_ledger, extra: int = 0) -> float:
+    from accounting.prv import epsilon as prv_epsilon
+
+    events = server_ledger.events(SERVER_ID) + [_server_event(job)] * extra
+    return prv_epsilon(events, delta=job.cfg.privacy.client_delta_value).upper
+
+
+def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict[str, torch.Tensor], start_round: int,
+           seed: int, eval0: dict[str, float], progress: Progress, resumed: dict[str, Any] | None) -> dict[str, Any]:
+    from dpfed.aggregation import ClientLevelDP
     from accounting.prv import epsilon as prv_epsilon
 
     cfg, model, device = job.cfg, job.model, job.device
     t_start = time.time()
-    run_dir.mkdir(parents=True, exist_ok=False)
-    (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
     budget = Budget(cfg.privacy.epsilon, cfg.privacy.delta) if job.dp else None
-    if job.dp:
-        _json_dump(run_dir / "budget.json", {"epsilon": cfg.privacy.epsilon, "delta": cfg.privacy.delta,
-                                             "accountant": "prv", "privacy_unit": "record"})
-    ledger = Ledger(run_dir / "ledger.jsonl")
     training = LocalTraining(local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
                              optimizer=cfg.train.optimizer, momentum=cfg.train.momentum, task=cfg.model.task)
     clients = []
@@ -205,28 +451,49 @@ def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any
         dp = (DPSGDParams(noise_multiplier=job.noise_multiplier, clip=cfg.privacy.clip,
                           expected_batch_size=cfg.train.batch_size) if job.dp else None)
         clients.append(Client(client_id=f"client-{i:03d}", shard=shard, training=training, dp=dp,
-                              sample_generator=make_generator(_child_seed(job.seed, 3, i)),
-                              noise_generator=make_generator(_child_seed(job.seed, 4, i), device) if job.dp else None,
+                              sample_generator=make_generator(_child_seed(seed, 3, i)),
+                              noise_generator=make_generator(_child_seed(seed, 4, i), device) if job.dp else None,
                               ledger=ledger, budget=budget, device=device, autocast_dtype=job.autocast_dtype))
-    aggregator = FedSBAggregator(weighting=cfg.train.weighting)
-    global_state = trainable_state(model)
-    initial_state = {k: v.clone() for k, v in global_state.items()}
+    q_client = cfg.train.client_fraction
+    if job.client_dp:  # DP-FedAvg: uniform weights, Poisson client sampling at rate q, fixed denominator q·N
+        aggregator: Any = ClientLevelDP(FedSBAggregator(weighting="uniform"), clip=cfg.privacy.client_clip,
+                                        noise_multiplier=job.client_noise_multiplier,
+                                        expected_clients=q_client * len(clients), generator=make_generator(0))
+    else:
+        aggregator = FedSBAggregator(weighting=cfg.train.weighting)
     manifest = Manifest.of(global_state)
-    save_state(run_dir / "initial_state.safetensors", initial_state)
-    select_gen = np.random.default_rng(_child_seed(job.seed, 5))
-    per_round = max(1, int(math.ceil(cfg.train.client_fraction * len(clients))))
-    eval0 = evaluate(model, job.test, task=cfg.model.task, device=device, batch_size=cfg.train.eval_batch_size,
-                     autocast_dtype=job.autocast_dtype)
-    progress("start", {"rounds": cfg.train.rounds, "clients_per_round": per_round, "local_steps": cfg.train.local_steps,
-                       "eval": eval0, "noise_multiplier": job.noise_multiplier})
-    bytes_up, bytes_down, rounds_done, stop_reason = [], [], 0, "completed"
+    per_round = max(1, int(math.ceil(q_client * len(clients))))
+    load_trainable_state(model, global_state)
+    last_eval = evaluate(model, job.test, task=cfg.model.task, device=device, batch_size=cfg.train.eval_batch_size,
+                         autocast_dtype=job.autocast_dtype)
+    progress("start", {"rounds": cfg.train.rounds - start_round + 1, "clients_per_round": per_round,
+                       "local_steps": cfg.train.local_steps, "eval": last_eval, "noise_multiplier": job.noise_multiplier})
+    bytes_up, bytes_down, stop_reason = [], [], "completed"
+    rounds_done = start_round - 1
     metrics_path = run_dir / "metrics.jsonl"
-    last_eval = eval0
-    for rnd in range(1, cfg.train.rounds + 1):
-        chosen = sorted(select_gen.choice(len(clients), size=per_round, replace=False).tolist())
+    for rnd in range(start_round, cfg.train.rounds + 1):
+        # per-round seeds: a run resumed at any round draws what an uninterrupted one would
+        for i, c in enumerate(clients):
+            c.sample_generator = make_generator(_child_seed(seed, 3, i, rnd))
+            if job.dp:
+                c.noise_generator = make_generator(_child_seed(seed, 4, i, rnd), device)
+        select_gen = np.random.default_rng(_child_seed(seed, 5, rnd))
+        if job.client_dp:  # Poisson: each client independently with probability q (the accounting needs it)
+            chosen = [i for i in range(len(clients)) if select_gen.random() < q_client]
+            aggregator.generator = make_generator(_child_seed(seed, 6, rnd))
+        else:
+            chosen = sorted(select_gen.choice(len(clients), size=per_round, replace=False).tolist())
         try:
             for i in chosen:
                 clients[i].check_budget()
+            if job.client_dp and cfg.privacy.client_epsilon is not None:
+                eps_c = _client_level_epsilon(job, server_ledger, extra=1)
+                if eps_c > cfg.privacy.client_epsilon:
+                    from dpfed.errors import BudgetError
+
+                    raise BudgetError(f"client-level epsilon would reach {eps_c:.4f} > budget {cfg.privacy.client_epsilon:g} "
+                                      f"(over by {eps_c - cfg.privacy.client_epsilon:.4f}) if the server released another "
+                                      f"round; refusing")
         except Exception as exc:  # BudgetError: stop before anyone passes the budget
             stop_reason = str(exc)
             log.warning("stopping before round %d: %s", rnd, exc)
@@ -242,7 +509,15 @@ def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any
             ups.append(len(msg))
             bytes_down.append(len(down))
             results.append(res)
-        global_state = aggregator.aggregate([r.state for r in results], [r.num_examples for r in results])
+        states, sizes = [r.state for r in results], [r.num_examples for r in results]
+        if job.client_dp:
+            global_state = aggregator.aggregate(states, sizes, global_state=global_state)
+            # write-ahead: the server's event is durable before the noised state is released
+            server_ledger.append(client=SERVER_ID, round=rnd, event=_server_event(job))
+        elif results:
+            global_state = aggregator.aggregate(states, sizes)
+        save_checkpoint(run_dir, round=rnd, global_state=global_state, adapters=job.adapters,
+                        meta=_ckpt_meta(run_dir, ledger, server_ledger))
         bytes_up.extend(ups)
         load_trainable_state(model, global_state)
         ev = evaluate(model, job.test, task=cfg.model.task, device=device, batch_size=cfg.train.eval_batch_size,
@@ -251,11 +526,16 @@ def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any
         eps_clients = {c.client_id: prv_epsilon(ledger.events(c.client_id), delta=cfg.privacy.delta).upper
                        for c in clients} if job.dp else {}
         line = {"round": rnd, "clients": [clients[i].client_id for i in chosen],
-                "train_loss": float(np.mean([r.mean_loss for r in results])), **ev,
+                "train_loss": float(np.mean([r.mean_loss for r in results])) if results else None, **ev,
                 "epsilon_spent": max(eps_clients.values()) if eps_clients else None,
                 "bytes_up": sum(ups), "bytes_down": len(down) * len(chosen), "seconds": time.time() - t_round}
+        if job.client_dp:
+            line["client_level_epsilon"] = _client_level_epsilon(job, server_ledger)
+            line["client_update_norms"] = aggregator.last_norms
         with metrics_path.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         rounds_done = rnd
         progress("round", line)
     from dpfed.adapters.export import export_adapters
@@ -264,9 +544,24 @@ def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any
     eps_clients = {c.client_id: prv_epsilon(ledger.events(c.client_id), delta=cfg.privacy.delta) for c in clients} if job.dp else {}
     trainable = sum(v.numel() for v in global_state.values())
     r2 = sum(a.rank ** 2 for a in job.adapters.values())
+    client_level = None
+    if job.client_dp:
+        client_level = {
+            "guarantee": "client-level DP (DP-FedAvg): adding or removing one client's whole data",
+            "epsilon": _client_level_epsilon(job, server_ledger), "delta": cfg.privacy.client_delta_value,
+            "epsilon_target": cfg.privacy.client_epsilon, "noise_multiplier": job.client_noise_multiplier,
+            "clip": cfg.privacy.client_clip, "sampling": f"Poisson, each client independently with q = {q_client:g}",
+            "rounds_released": len(server_ledger.events(SERVER_ID)), "accountant": "prv (upper bound)",
+            "ledger": SERVER_LEDGER, "trust": CLIENT_TRUST,
+        }
+    record_label = "record-level DP per client (local DP-SGD)"
+    privacy = ("none (--no-dp): no privacy guarantee" if not cfg.privacy.enabled else
+               {"record": record_label, "client": "client-level DP only (DP-FedAvg, trusted server)",
+                "both": record_label + " and, separately, client-level DP (DP-FedAvg, trusted server)"}[cfg.privacy.unit])
     summary = {
         "method": cfg.train.method,
-        "privacy": "record-level DP per client (local DP-SGD)" if job.dp else "none (--no-dp): no privacy guarantee",
+        "privacy": privacy,
+        "privacy_unit": cfg.privacy.unit if cfg.privacy.enabled else None,
         "epsilon_target": cfg.privacy.epsilon if job.dp else None,
         "delta": cfg.privacy.delta if job.dp else None,
         "epsilon_spent": max(e.upper for e in eps_clients.values()) if eps_clients else None,
@@ -274,10 +569,12 @@ def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any
         "accountant": "prv (upper bound)" if job.dp else None,
         "noise_multiplier": job.noise_multiplier,
         "clip": cfg.privacy.clip if job.dp else None,
+        "client_level": client_level,
         "sample_rates": {c.client_id: c.sample_rate for c in clients},
         "rounds_planned": cfg.train.rounds,
         "rounds_completed": rounds_done,
         "stop_reason": stop_reason,
+        "resumed": resumed,
         "local_steps": cfg.train.local_steps,
         "batch_size": cfg.train.batch_size,
         "clients": len(clients),

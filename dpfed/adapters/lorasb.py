@@ -6,9 +6,10 @@ Sec. 4): because every client holds the same ``B`` and ``A``, the mean of ``B R_
 
 Per-sample gradients. In a DP step the layer is given a per-sample leaf of ``R`` of shape
 (batch, r, r) by :func:`per_sample_mode` (a stride-0 expanded view: no copy is made). The
-forward then computes ``h_b = u_b R_bᵀ`` with a batched matmul, and autograd's backward of that matmul *is* the fused r×r einsum of
-REFERENCE.md: ``∂L_b/∂R_b = Σ_t (Bᵀ g_bt)(A x_bt)ᵀ = einsum('bto,bti->boi', grad_h, u)``. No
-hooks over frozen weights are involved, and frozen weights never get a gradient.
+forward then computes ``h_b = u_b R_bᵀ`` with a batched matmul, and autograd's backward of that
+matmul *is* the fused r×r einsum of REFERENCE.md:
+``∂L_b/∂R_b = Σ_t (Bᵀ g_bt)(A x_bt)ᵀ = einsum('bto,bti->boi', grad_h, u)``. No hooks over
+frozen weights are involved, and frozen weights never get a gradient.
 """
 
 from __future__ import annotations

@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # with standalone_mode=False, typer.Exit(n) comes back as n
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except (DpfedError, AccountingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_INPUT_ERROR)

@@ -43,6 +43,12 @@ def train(
     init: Annotated[Optional[str], typer.Option(help="public | random")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
     seed: Annotated[Optional[int], typer.Option(help="fix all randomness (noise included) for reproducibility")] = None,
+    privacy_unit: Annotated[Optional[str], typer.Option(help="record (local DP-SGD) | client (DP-FedAvg; trusted server adds noise) | both")] = None,
+    client_clip: Annotated[Optional[float], typer.Option(help="client-level: L2 clip S of each client's update")] = None,
+    client_noise_multiplier: Annotated[Optional[float], typer.Option(help="client-level σ_c (default: calibrated from --client-epsilon)")] = None,
+    client_epsilon: Annotated[Optional[float], typer.Option(help="client-level ε budget over all rounds (PRV upper bound)")] = None,
+    client_delta: Annotated[Optional[float], typer.Option(help="client-level δ (default: --delta); must be < 1/clients")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="continue RUN_DIR from its last checkpoint and ledger (other options except --device/--format are refused)")] = None,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="train without DP (comparison only: NO privacy guarantee)")] = False,
     out: Annotated[Optional[Path], typer.Option(help="run directory (must not exist or be empty)")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
@@ -55,6 +61,15 @@ def train(
 
     if fmt not in ("table", "json"):
         raise ConfigError(f"format must be 'table' or 'json', got {fmt!r}")
+    if resume is not None:
+        given = [k for k, v in locals().items()
+                 if k not in ("resume", "fmt", "device", "no_dp") and not k.startswith("_") and v is not None
+                 and k in _OPTION_NAMES]
+        if given or no_dp:
+            raise ConfigError(f"--resume continues a run with its recorded config; got other options: "
+                              f"{', '.join('--' + g.replace('_', '-') for g in given) or '--no-dp'}")
+        _resume(resume, device=device, fmt=fmt)
+        return
     cfg = cfgmod.load(config) if config is not None else (cfgmod.load(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else cfgmod.RunConfig())
     cfg = cfgmod.override(
         cfg,
@@ -65,6 +80,9 @@ def train(
            "data.num_clients": clients, "data.partition": partition, "data.dirichlet_alpha": dirichlet_alpha,
            "train.rounds": rounds, "train.local_steps": local_steps, "train.batch_size": batch_size, "train.lr": lr,
            "train.client_fraction": client_fraction, "train.method": method, "init.strategy": init,
+           "privacy.unit": privacy_unit, "privacy.client_clip": client_clip,
+           "privacy.client_noise_multiplier": client_noise_multiplier, "privacy.client_epsilon": client_epsilon,
+           "privacy.client_delta": client_delta,
            "device": device, "seed": seed},
     )
     run_dir = out if out is not None else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
@@ -82,6 +100,30 @@ def train(
         err.print(f"noise multiplier σ = {job.noise_multiplier:g} for ε = {cfg.privacy.epsilon:g}, δ = {cfg.privacy.delta:g} "
                   f"over {cfg.train.rounds} rounds × {cfg.train.local_steps} local steps (worst client)")
     summary = run(job, run_dir, progress=_progress(err, cfg, quiet))
+    if quiet:
+        print(json.dumps(summary, indent=2))
+        return
+    _print_summary(summary, run_dir)
+
+
+_OPTION_NAMES = ("config", "epsilon", "delta", "model", "task", "dataset", "text_column", "label_column", "clients",
+                 "partition", "dirichlet_alpha", "rounds", "local_steps", "batch_size", "lr", "rank", "target_modules",
+                 "clip", "noise_multiplier", "client_fraction", "method", "init", "seed", "out", "privacy_unit",
+                 "client_clip", "client_noise_multiplier", "client_epsilon", "client_delta")
+
+
+def _resume(run_dir: Path, *, device: Optional[str], fmt: str) -> None:
+    from rich.console import Console
+
+    from dpfed import config as cfgmod
+    from dpfed.runner import resume
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume must name an existing run directory, got '{run_dir}'")
+    err = Console(stderr=True)
+    quiet = fmt == "json"
+    cfg = cfgmod.load(run_dir / "config.yaml")
+    summary = resume(run_dir, device=device, progress=_progress(err, cfg, quiet))
     if quiet:
         print(json.dumps(summary, indent=2))
         return
@@ -143,7 +185,12 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
         ("δ (per record)", "—" if summary["delta"] is None else f"{summary['delta']:g}"),
         ("noise multiplier σ / clip C",
          "—" if summary["noise_multiplier"] is None else f"{summary['noise_multiplier']:g} / {summary['clip']:g}"),
-        ("rounds completed", f"{summary['rounds_completed']} / {summary['rounds_planned']}"),
+        ("client-level ε / δ (DP-FedAvg; trusted server)",
+         "—" if not summary.get("client_level") else
+         f"{summary['client_level']['epsilon']:.3f} / {summary['client_level']['delta']:g} "
+         f"(σ_c {summary['client_level']['noise_multiplier']:g}, S {summary['client_level']['clip']:g})"),
+        ("rounds completed", f"{summary['rounds_completed']} / {summary['rounds_planned']}"
+         + ("" if summary.get("stop_reason") in (None, "completed") else f" (stopped: {summary['stop_reason']})")),
         ("clients (per round)", f"{summary['clients']} ({summary['clients_per_round']})"),
         ("test accuracy" if summary["accuracy"] is not None else "eval loss",
          f"{summary['accuracy']:.4f}" if summary["accuracy"] is not None else f"{summary['eval_loss']:.4f}"),

@@ -47,7 +47,7 @@ def test_untouched_model_shows_nothing(audits):
 def test_planted_leak_is_a_violation(audits):
     r = audits["leaky"]
     assert r["verdict"] == "violation"
-    assert r["guesses"] == 40 and r["correct"] >= 34
+    assert r["guesses"] == 40 and r["correct"] >= 33  # 39 measured; 33 of 40 already gives epsilon_LB 0.83 > 0.5
     assert EPS_CLAIMED < r["epsilon_lower_bound"] <= r["epsilon_lower_bound_ceiling"]
     assert r["epsilon_lower_bound_ceiling"] == pytest.approx(mt.one_run_ceiling(m=200, r=40, delta=1e-5))
     assert r["attacks"]["reference"]["auc"] > 0.7 and r["attacks"]["loss"]["auc"] > 0.6
@@ -126,7 +126,7 @@ def test_report_defaults_to_the_run_dir(synthetic_runs, tmp_path, capsys):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda d: shutil.rmtree(d), "not a directory"),
-    (lambda d: (d / "canaries.json").unlink(), "canaries.json: canary file not found"),
+    (lambda d: (d / "canaries.json").unlink(), "canaries.json: not found; the run was trained without canaries"),
     (lambda d: (d / "initial_state.safetensors").write_bytes(b"garbage"), "not a readable safetensors file"),
     (lambda d: (d / "adapter" / "lorasb.safetensors").unlink(), "lorasb.safetensors: not found"),
     (lambda d: (d / "summary.json").write_text("{"), "summary.json: not valid JSON"),
@@ -150,3 +150,87 @@ def test_missing_or_corrupt_run_dir_is_one_line_exit_2(synthetic_runs, tmp_path,
 def test_bad_options_exit_2(synthetic_runs, tmp_path, capsys, args, message):
     code, _, err = _run(["audit", str(synthetic_runs["untouched"]), "--out", str(tmp_path), *args], capsys)
     assert code == 2 and message in err
+
+
+def test_causal_lm_run_is_audited(tiny_llama_dir, tiny_csv, tmp_path, one_thread, run_writer):
+    """Causal LM: canaries without labels, no head; an untouched model shows nothing, a fitted R something."""
+    import torch
+
+    from attacks.audit import audit_run
+    from attacks.canaries import choose_attack_records, make_canaries, plant
+    from dpfed.adapters.init import init_random
+    from dpfed.adapters.lorasb import trainable_state
+    from dpfed.config import DataConfig, InitConfig, ModelConfig, PrivacyConfig, RunConfig
+    from dpfed.data import load_records, load_tokenizer, split_and_partition, tokenize
+    from dpfed.model import DEFAULT_TARGETS, inject_lorasb, load_base, select_targets
+    from dpfed.privacy import make_generator, per_example_loss
+
+    cfg = RunConfig(model=ModelConfig(name=tiny_llama_dir, task="causal-lm", rank=4, max_length=32),
+                    data=DataConfig(source=tiny_csv, text_column="sentence", label_column=None, num_clients=2,
+                                    test_fraction=0.2, public_fraction=0.0),
+                    init=InitConfig(strategy="random"), privacy=PrivacyConfig(epsilon=0.5, delta=1e-5), seed=0)
+    records = load_records(cfg.data, task="causal-lm")
+    splits = split_and_partition(records, cfg.data, seed=1)
+    tok = load_tokenizer(tiny_llama_dir)
+    canaries = make_canaries(m=40, label_names=None, num_clients=2, seed=3, tokenizer=tok, length=12)
+    attack = choose_attack_records(splits, heldout=splits.test, n=20, seed=4, canaries=canaries)
+    model = load_base(tiny_llama_dir, task="causal-lm")
+    adapters = inject_lorasb(model, select_targets(model, DEFAULT_TARGETS["llama"]), rank=4)
+    init_random(adapters, generator=make_generator(0))
+    initial = trainable_state(model)
+    common = dict(cfg=cfg, model=model, adapters=adapters, initial=initial, splits=plant(splits, canaries, seed=5),
+                  canaries=canaries, attack_records=attack)
+    r = audit_run(run_writer(tmp_path / "untouched", **common))
+    assert r["verdict"] == "consistent" and r["epsilon_lower_bound"] == 0.0 and r["task"] == "causal-lm"
+    inc = canaries.records().subset([i for i in range(canaries.m) if canaries.included[i]])
+    batch = tokenize(inc, tok, max_length=32).batch(range(len(inc)))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(30):
+        opt.zero_grad()
+        per_example_loss(model, batch, task="causal-lm").mean().backward()
+        opt.step()
+    r = audit_run(run_writer(tmp_path / "fitted", **common))
+    assert r["attacks"]["canary_loss_reduction"]["auc"] > 0.7
+    assert r["guesses"] == 8 and r["correct"] >= 6
+
+
+def test_claim_is_derived_from_the_ledger(synthetic_runs, tmp_path):
+    """Epsilon is never taken as stored truth when the ledger is there: it is recomputed from the events."""
+    from accounting.events import PoissonGaussianEvent
+    from accounting.ledger import Ledger
+    from accounting.prv import epsilon
+    from attacks.audit import load_run, read_claim
+
+    run = tmp_path / "with-ledger"
+    shutil.copytree(synthetic_runs["untouched"], run)
+    ledger = Ledger(run / "ledger.jsonl")
+    events = {"client-000": PoissonGaussianEvent(noise_multiplier=2.0, sample_rate=0.1, count=2),
+              "client-001": PoissonGaussianEvent(noise_multiplier=1.0, sample_rate=0.1, count=2)}
+    for rnd in (1, 2):
+        for client, ev in events.items():
+            ledger.append(client=client, round=rnd, event=ev)
+    claim = read_claim(load_run(run))
+    want = epsilon([events["client-001"]] * 2, delta=1e-5).upper
+    assert claim["epsilon"] == pytest.approx(want) and claim["epsilon_source"].startswith("ledger.jsonl")
+    assert claim["epsilon"] != pytest.approx(EPS_CLAIMED)
+    lines = (run / "ledger.jsonl").read_text().splitlines()
+    (run / "ledger.jsonl").write_text("\n".join([lines[0].replace("client-000", "client-009"), *lines[1:]]) + "\n")
+    from dpfed.errors import DataError
+
+    with pytest.raises(DataError, match="ledger.jsonl"):
+        read_claim(load_run(run))
+
+
+def test_audit_without_attack_records(synthetic_runs, tmp_path):
+    from attacks.audit import audit_run
+    from attacks.report import write_reports
+
+    run = tmp_path / "no-records"
+    shutil.copytree(synthetic_runs["leaky"], run)
+    (run / "attack_records.json").unlink()
+    r = audit_run(run)
+    assert r["verdict"] == "violation" and r["headline_attack"] == "canary_loss_reduction"
+    assert set(r["attacks"]) == {"canary_loss_reduction"}
+    assert any("No attack_records.json" in t for t in r["limitations"])
+    paths = write_reports(r, tmp_path / "out")
+    assert json.loads(paths["json"].read_text())["auc"] == pytest.approx(r["auc"])

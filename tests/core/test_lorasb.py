@@ -213,3 +213,28 @@ def _fresh_classifier(model):
         clean.head.weight.zero_()
         clean.head.bias.zero_()
     return clean
+
+
+def test_autocast_forward_equals_explicit_fp32_cast_and_per_sample_grads_sum_to_plain():
+    """Under autocast the layer lets the matmul cast x (no fp32 copy of x); the output must be the
+    same as casting x to fp32 first, and per-sample gradients must still sum to the plain one."""
+    g = torch.Generator().manual_seed(0)
+    base = nn.Linear(16, 12).to(torch.bfloat16)
+    layer = LoRASBLinear(base, rank=4)
+    layer.set_factors(B=torch.randn(12, 4, generator=g), A=torch.randn(4, 16, generator=g),
+                      R=torch.randn(4, 4, generator=g))
+    x = torch.randn(3, 5, 16, generator=g).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        y = base(x)
+        want = y + (((x.float() @ layer.A.T) @ layer.R.T) @ layer.B.T).to(y.dtype)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()
+    plain = layer.R.grad.clone()
+    with per_sample_mode(layer, 3) as leaves:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x).float().sum().backward()
+        per = leaves["R"].grad
+    assert per.shape == (3, 4, 4) and per.is_contiguous()
+    assert torch.allclose(per.sum(0), plain, rtol=2e-2, atol=1e-2)
