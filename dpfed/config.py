@@ -66,6 +66,8 @@ class DataConfig:
     partition: str = field(default="iid", metadata={"help": "iid | dirichlet"})
     dirichlet_alpha: float = 1.0
     max_examples: int | None = field(default=None, metadata={"help": "cap on records loaded (quick runs)"})
+    canaries: int = field(default=0, metadata={"help": "audit canaries, each planted with probability 1/2 (dpfed audit)"})
+    audit_holdout: int = field(default=0, metadata={"help": "records held out as attack non-members (default with canaries: min(500, 5%))"})
 
     def __post_init__(self) -> None:
         _check(0 < self.test_fraction < 1, f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
@@ -76,6 +78,9 @@ class DataConfig:
         _finite_pos("dirichlet_alpha", self.dirichlet_alpha)
         if self.max_examples is not None:
             _pos_int("max_examples", self.max_examples, 2)
+        _pos_int("canaries", self.canaries, 0)
+        _check(self.canaries == 0 or self.canaries >= 2, f"canaries must be 0 or >= 2, got {self.canaries}")
+        _pos_int("audit_holdout", self.audit_holdout, 0)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ class Job:
     setup_seconds: float = 0.0
     split_seed: int | None = None  # recorded in run.json (never the noise seed when it came from OS entropy)
     client_noise_multiplier: float | None = None  # client-level σ_c (privacy.unit client|both)
+    canaries: Any = None  # attacks.canaries.CanarySet when the run is audited
+    attack_records: dict | None = None  # members / held-out non-members for the membership attacks
 
     @property
     def dp(self) -> bool:
@@ -101,10 +103,29 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
     task = cfg.model.task
     progress("setup", {"stage": "data"})
     records = load_records(cfg.data, task=task)
+    heldout = None
+    n_holdout = cfg.data.audit_holdout or (min(500, len(records) // 20) if cfg.data.canaries else 0)
+    if n_holdout:  # non-members for the membership attacks, set aside before anything else
+        perm = np.random.default_rng(_child_seed(split_seed, 9)).permutation(len(records))
+        heldout, records = records.subset(np.sort(perm[:n_holdout])), records.subset(np.sort(perm[n_holdout:]))
     splits = split_and_partition(records, cfg.data, seed=split_seed)
     progress("setup", {"stage": "model"})
     path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(path)
+    canaries = attack_records = None
+    if cfg.data.canaries:
+        # the audit's canaries go through exactly the same sampling, clipping and noise as real records;
+        # imported lazily: only audited runs need the attacks package
+        from attacks.canaries import make_canaries, plant
+
+        canaries = make_canaries(m=cfg.data.canaries, label_names=records.label_names or None,
+                                 num_clients=cfg.data.num_clients, seed=_child_seed(split_seed, 6), tokenizer=tokenizer)
+        splits = plant(splits, canaries, seed=_child_seed(split_seed, 7))
+    if heldout is not None:
+        from attacks.canaries import choose_attack_records
+
+        attack_records = choose_attack_records(splits, heldout=heldout, n=len(heldout), seed=_child_seed(split_seed, 8),
+                                               canaries=canaries)
     num_labels = len(records.label_names) if records.labels is not None else 0
     model = load_base(cfg.model.name, task=task, num_labels=max(num_labels, 2))
     model_type = getattr(model.config, "model_type", "")
@@ -144,7 +165,7 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
         init_info.update(_enable_prefix_cache(model, names, shards + [test], device))
     client_sigma = client_noise_multiplier(cfg) if cfg.privacy.client_level else None
     return Job(cfg, model, adapters, tokenizer, splits, test, shards, device, autocast_dtype, seed, seed_is_user,
-               sigma, init_info, time.time() - t0, split_seed, client_sigma)
+               sigma, init_info, time.time() - t0, split_seed, client_sigma, canaries, attack_records)
 
 
 def _enable_prefix_cache(model: SequenceClassifier, names: list[str], shards: list[TokenizedShard],
@@ -313,6 +334,14 @@ def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any
     run_dir.mkdir(parents=True, exist_ok=False)
     config_text = config_mod.to_yaml(cfg)
     (run_dir / "config.yaml").write_text(config_text)
+    if job.canaries is not None:
+        from attacks.canaries import save_canaries
+
+        save_canaries(run_dir / "canaries.json", job.canaries)
+    if job.attack_records is not None:
+        from attacks.canaries import save_attack_records
+
+        save_attack_records(run_dir / "attack_records.json", job.attack_records)
     if job.dp:
         _json_dump(run_dir / "budget.json", {"epsilon": cfg.privacy.epsilon, "delta": cfg.privacy.delta,
                                              "accountant": "prv", "privacy_unit": "record"})
