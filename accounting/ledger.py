@@ -61,7 +61,8 @@ def _chain_hash(prev: str, content: dict[str, Any]) -> str:
     return hashlib.sha256((prev + _canonical(content)).encode("ascii")).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that a created or renamed entry survives a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -189,13 +190,13 @@ class Ledger:
         new_dirs = [d for d in reversed(self.path.parents) if not d.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for directory in new_dirs:  # make each new directory entry durable too
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         log.info("created ledger %s", self.path)
 
     def _load(self) -> None:
@@ -350,7 +351,7 @@ class Ledger:
             handle.truncate(len(raw) - len(tail))
             handle.flush()
             os.fsync(handle.fileno())
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         torn_text = tail.decode("ascii", errors="replace")
         log.warning("%s: cut a torn final line of %d bytes (kept in %s)", path, len(tail), torn_path)
         return cls(path), torn_text

@@ -59,6 +59,7 @@ from attacks.canaries import (
 )
 from attacks.scores import loss_reduction, loss_score, per_record_loss, reference_score
 from dpfed.config import RunConfig
+from dpfed.jsonio import read_json_object
 from dpfed.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -118,17 +119,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_json(path: Path, *, required: bool) -> dict[str, Any] | None:
-    if not path.is_file():
-        if required:
-            raise DataError(f"{path}: not found")
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, required=required)
 
 
 def load_run(run_dir: str | Path) -> RunFiles:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from dpfed.data import Records, Splits
+from dpfed.jsonio import read_json_object
 from dpfed.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -306,15 +307,7 @@ def save_canaries(path: str | os.PathLike[str], canaries: CanarySet) -> None:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: {what} is not valid JSON ({type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: {what} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, what=what)
 
 
 def load_canaries(path: str | os.PathLike[str]) -> CanarySet:

@@ -7,6 +7,7 @@ creates the run directory and trains. Library code never prints: progress goes t
 from __future__ import annotations
 
 import json
+from accounting.ledger import fsync_dir as _fsync_dir
 import logging
 import math
 import os
@@ -235,14 +236,6 @@ def client_noise_multiplier(cfg: RunConfig) -> float:
 
     return calibrate_noise(target_epsilon=p.client_epsilon, delta=delta,
                            workloads=[(cfg.train.client_fraction, cfg.train.rounds)], unit="client")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
