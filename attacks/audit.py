@@ -33,7 +33,6 @@ Method:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import platform

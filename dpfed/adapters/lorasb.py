@@ -15,7 +15,6 @@ frozen weights are involved, and frozen weights never get a gradient.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import torch

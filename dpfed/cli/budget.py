@@ -25,14 +25,9 @@ FORMATS = ("table", "json")
 
 def read_budget(path: Path) -> dict[str, Any]:
     """Load and validate budget.json; raise ConfigError naming the field otherwise."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: budget file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: must hold a JSON object, got {type(data).__name__}")
+    from dpfed.jsonio import read_json_object
+
+    data = read_json_object(path, what="budget file")
     epsilon, delta = data.get("epsilon"), data.get("delta")
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
         raise ConfigError(f"{path}: epsilon must be a finite number > 0, got {epsilon!r}")

@@ -155,7 +155,7 @@ def _progress(console, cfg, quiet: bool):
             state.update(bar=bar, steps=bar.add_task("client steps", total=total),
                          rounds=bar.add_task("rounds", total=info["rounds"]))
             acc = info["eval"].get("accuracy")
-            console.print(f"before training: " + (f"accuracy {acc:.4f}" if acc is not None else f"eval loss {info['eval']['eval_loss']:.4f}"))
+            console.print("before training: " + (f"accuracy {acc:.4f}" if acc is not None else f"eval loss {info['eval']['eval_loss']:.4f}"))
         elif kind == "client" and "bar" in state:
             state["bar"].update(state["steps"], description=f"round {info['round']} {info['client']}")
         elif kind == "step" and "bar" in state:
