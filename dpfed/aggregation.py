@@ -6,7 +6,9 @@ every client shares B and A, ``B (Σ_i w_i R_i) A = Σ_i w_i B R_i A``: the aver
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -113,3 +115,118 @@ class ClientLevelDP:
             noised = total[n] + noise * (self.noise_multiplier * self.clip)
             out[n] = (global_state[n].double() + noised / self.expected_clients).to(global_state[n].dtype)
         return out
+
+
+# --------------------------------------------------------------------------- LoRA baselines
+
+
+@dataclass(frozen=True)
+class LoRALayerKeys:
+    """Where one adapted layer's factors live in a state, and its scaling ``alpha / r``.
+
+    ``frozen_a`` is set when A is not trained (FFA-LoRA): then it is not in the states.
+    """
+
+    b: str
+    a: str
+    scaling: float
+    frozen_a: torch.Tensor | None = None
+
+    def product(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        a = self.frozen_a if self.frozen_a is not None else state[self.a]
+        return self.scaling * (state[self.b].double() @ a.double())  # (d_out, d_in)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One round's server result.
+
+    ``state``: the new global trainable state; ``fold``: layer → ΔW0 that server and clients add
+    to the base weight (empty unless the method folds); ``down``: exactly what the server sends
+    each client for the next round (bytes are counted from it); ``error``: the aggregation
+    error ``‖Σ_i p_i ΔW_i − ΔW_global‖_F / ‖Σ_i p_i ΔW_i‖_F`` over all adapted layers, where
+    ``ΔW`` is the adapter's product (plus the fold).
+    """
+
+    state: dict[str, torch.Tensor]
+    fold: dict[str, torch.Tensor]
+    down: dict[str, torch.Tensor]
+    error: float
+
+
+def _weights(num_examples: Sequence[int], weighting: str) -> list[float]:
+    if weighting not in ("size", "uniform"):
+        raise ValueError(f"weighting must be 'size' or 'uniform', got {weighting!r}")
+    w = [float(n) for n in num_examples] if weighting == "size" else [1.0] * len(num_examples)
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def aggregation_error(ideal: dict[str, torch.Tensor], achieved: dict[str, torch.Tensor]) -> float:
+    """``‖ideal − achieved‖_F / ‖ideal‖_F`` over all layers together (0 when ideal is 0 and achieved matches)."""
+    num = sum(float((ideal[n] - achieved[n]).pow(2).sum()) for n in ideal)
+    den = sum(float(ideal[n].pow(2).sum()) for n in ideal)
+    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
+
+
+class LoRAAggregator:
+    """FedIT, FFA-LoRA, FedEx-LoRA and FLoRA over PEFT LoRA factors (see ``dpfed.adapters.lora``).
+
+    - ``fedit`` (Zhang et al. 2024, arXiv 2310.15080): FedAvg of A and B; the product of means is
+      not the mean of products, so the aggregation error is non-zero.
+    - ``ffa-lora`` (Sun et al. 2024, arXiv 2403.12313): A frozen and shared; FedAvg of B is exact.
+    - ``fedex-lora`` (Singhal et al. 2024, arXiv 2410.09432, Eq. 6): FedAvg of A and B plus the
+      residual ``Σ p_i B_i A_i − B̄ Ā`` (times the scaling) folded into W0 and sent down.
+    - ``flora`` (Wang et al. 2024, arXiv 2409.05976): the stacked factors' product
+      ``Σ p_i B_i A_i`` folded into W0; A, B re-initialised (A from the shared round seed,
+      B = 0). Down: every chosen client's A and B (the stack) and the averaged head.
+    Non-adapter parameters (the head) are averaged.
+    """
+
+    def __init__(self, method: str, layers: dict[str, LoRALayerKeys], *, weighting: str = "size",
+                 reinit_a: Callable[[str], torch.Tensor] | None = None) -> None:
+        if method not in ("fedit", "ffa-lora", "fedex-lora", "flora"):
+            raise ValueError(f"method must be one of fedit, ffa-lora, fedex-lora, flora, got {method!r}")
+        if method == "flora" and reinit_a is None:
+            raise ValueError("flora needs reinit_a (the shared fresh A for each layer)")
+        self.method, self.layers, self.weighting, self.reinit_a = method, layers, weighting, reinit_a
+
+    def aggregate(self, states: Sequence[dict[str, torch.Tensor]], num_examples: Sequence[int]) -> Aggregate:
+        p = _weights(num_examples, self.weighting)
+        mean = weighted_mean(states, p)
+        ideal = {n: sum(w * k.product(s) for s, w in zip(states, p)) for n, k in self.layers.items()}
+        fold: dict[str, torch.Tensor] = {}
+        down: dict[str, torch.Tensor] = dict(mean)
+        if self.method == "fedex-lora":
+            for n, k in self.layers.items():
+                fold[n] = (ideal[n] - k.product(mean)).float()
+                down[f"{n}.residual"] = fold[n]
+        elif self.method == "flora":
+            factor_keys = {k.b for k in self.layers.values()} | {k.a for k in self.layers.values()}
+            down = {key: v for key, v in mean.items() if key not in factor_keys}  # head
+            for n, k in self.layers.items():
+                fold[n] = ideal[n].float()
+                for i, s in enumerate(states):  # the stack, with each client's weight folded into its B
+                    down[f"{n}.stack.{i}.B"] = (s[k.b].double() * p[i]).to(s[k.b].dtype)
+                    down[f"{n}.stack.{i}.A"] = s[k.a]
+                mean[k.b] = torch.zeros_like(mean[k.b])
+                mean[k.a] = self.reinit_a(n).to(mean[k.a])
+        achieved = {n: k.product(mean) + (fold[n].double() if n in fold else 0.0) for n, k in self.layers.items()}
+        return Aggregate(mean, fold, down, aggregation_error(ideal, achieved))
+
+
+class FedSBExactCheck:
+    """Fed-SB's aggregation error, measured (not assumed): ``B mean(R_i) A`` against ``mean(B R_i A)``."""
+
+    def __init__(self, layers: dict[str, tuple[str, torch.Tensor, torch.Tensor, float]], *, weighting: str) -> None:
+        self.layers, self.weighting = layers, weighting  # name → (R key, B, A, scale)
+
+    def error(self, states: Sequence[dict[str, torch.Tensor]], num_examples: Sequence[int],
+              mean: dict[str, torch.Tensor]) -> float:
+        p = _weights(num_examples, self.weighting)
+
+        def prod(state, key, B, A, scale):
+            return scale * (B.double() @ state[key].double() @ A.double())
+
+        ideal = {n: sum(w * prod(s, *v) for s, w in zip(states, p)) for n, v in self.layers.items()}
+        return aggregation_error(ideal, {n: prod(mean, *v) for n, v in self.layers.items()})

@@ -26,6 +26,7 @@ from dpfed.privacy import (
     noised_mean,
     per_example_loss,
     per_sample_gradients,
+    per_sample_weight_gradients,
     poisson_sample,
     zero_sums,
 )
@@ -121,6 +122,44 @@ class Client:
                 f"(over by {eps - self.budget.epsilon:.4f}) if it trained another round; refusing"
             )
 
+    def init_event(self, params: DPSGDParams) -> PoissonGaussianEvent:
+        """The DP initialisation's mechanism for this client: one Poisson-subsampled Gaussian release."""
+        q = min(1.0, params.expected_batch_size / len(self.shard))
+        return PoissonGaussianEvent(noise_multiplier=params.noise_multiplier, sample_rate=q, count=1)
+
+    def init_contribution(self, model: nn.Module, adapters: dict, *, params: DPSGDParams,
+                          sample_generator: torch.Generator, noise_generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """This client's share of a DP initialisation (``init: dp``); recorded in the ledger before it leaves.
+
+        Poisson sample at q = b / n, per-example gradients of the adapted base weights (taken at
+        the model as given: the caller zeroes the adapters), joint clipping to C over all
+        layers, N(0, σ²C²) on the sum, divided by b. Refused if the event alone would exceed
+        the budget. The event is appended (fsynced) at round 0 before the sums are returned.
+        """
+        if params.noise_multiplier <= 0:
+            raise PrivacyCheckError(f"init: dp needs a noise multiplier > 0, got {params.noise_multiplier!r}")
+        event = self.init_event(params)
+        if self.budget is not None:
+            from accounting.prv import epsilon
+
+            eps = epsilon(self.spent_events() + [event], delta=self.budget.delta).upper
+            if eps > self.budget.epsilon:
+                raise BudgetError(f"client {self.client_id} would reach epsilon {eps:.4f} > budget "
+                                  f"{self.budget.epsilon:g} (over by {eps - self.budget.epsilon:.4f}) with the DP "
+                                  "initialisation alone; raise init.dp_noise_multiplier")
+        idx = poisson_sample(len(self.shard), event.sample_rate, generator=sample_generator)
+        sums = {n: torch.zeros(a.out_features, a.in_features, device=self.device) for n, a in adapters.items()}
+        for batch in self._batches(idx, microbatch=min(self.training.microbatch, 32)):
+            grads = per_sample_weight_gradients(model, adapters, batch, task=self.training.task,
+                                                autocast_dtype=self.autocast_dtype)
+            part, _ = clipped_sum(grads, clip=params.clip)
+            for n in sums:
+                sums[n] += part[n]
+        out = noised_mean(sums, params=params, generator=noise_generator)
+        if self.ledger is not None:  # write-ahead
+            self.ledger.append(client=self.client_id, round=0, event=event)
+        return out
+
     def fit(self, model: nn.Module, global_state: dict[str, torch.Tensor], *, round: int,
             on_step: Callable[[], None] | None = None) -> ClientResult:
         """Run K local steps from ``global_state``; record the spent events; return the new state."""
@@ -156,8 +195,8 @@ class Client:
         return ClientResult(self.client_id, round, trainable_state(model), len(self.shard), events,
                             t.local_steps, sampled, mean_loss)
 
-    def _batches(self, idx: torch.Tensor):
-        mb = self.training.microbatch
+    def _batches(self, idx: torch.Tensor, microbatch: int | None = None):
+        mb = microbatch or self.training.microbatch
         for start in range(0, len(idx), mb):
             yield self.shard.batch(idx[start:start + mb].tolist(), self.device)
 
@@ -185,7 +224,8 @@ class Client:
     def _check_changed(self, model: nn.Module, before: dict[str, torch.Tensor]) -> None:
         after = trainable_state(model)
         frozen = [n for n in after if torch.equal(after[n], before[n])]
-        # an empty non-DP batch legitimately changes nothing; under DP the noise always moves R
-        if self.dp is not None and self.noise_enabled and any(n.endswith(".R") or n == "R" for n in frozen):
-            raise PrivacyCheckError(f"client {self.client_id}: the adapter did not change after a DP step ({frozen[:3]})")
+        # an empty non-DP batch legitimately changes nothing; under DP the noise moves every trained parameter
+        if self.dp is not None and self.noise_enabled and frozen:
+            raise PrivacyCheckError(f"client {self.client_id}: trainable parameters did not change after a DP step "
+                                    f"({frozen[:3]})")
         self._checked_change = True

@@ -16,7 +16,7 @@ import yaml
 
 from dpfed.errors import ConfigError
 
-METHODS = ("fed-sb",)
+METHODS = ("fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -37,7 +37,8 @@ def _pos_int(name: str, v: int, minimum: int = 1) -> None:
 class ModelConfig:
     name: str = field(default="embedded:all-minilm-l6-v2", metadata={"help": "embedded name, local folder or hub id"})
     task: str = field(default="classification", metadata={"help": "classification | causal-lm"})
-    rank: int = field(default=8, metadata={"help": "LoRA-SB rank r (R is r×r per adapted layer)"})
+    rank: int = field(default=8, metadata={"help": "adapter rank r (Fed-SB: R is r×r per layer; LoRA baselines: A r×d_in, B d_out×r)"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA baselines: PEFT's lora_alpha, scaling alpha/r (default: alpha = r)"})
     target_modules: tuple[str, ...] | None = field(default=None, metadata={"help": "Linear layer names; default per family"})
     adapt_layers: tuple[int, ...] | None = field(default=None, metadata={"help": "layer indices to adapt (negative from the top); default all"})
     max_length: int = field(default=64, metadata={"help": "tokens per example after truncation"})
@@ -47,6 +48,8 @@ class ModelConfig:
         _check(isinstance(self.name, str) and bool(self.name), f"model.name must be a non-empty string, got {self.name!r}")
         _check(self.task in ("classification", "causal-lm"), f"model.task must be 'classification' or 'causal-lm', got {self.task!r}")
         _pos_int("rank", self.rank)
+        if self.lora_alpha is not None:
+            _finite_pos("lora_alpha", self.lora_alpha)
         _pos_int("max_length", self.max_length, 2)
         if self.target_modules is not None:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -83,20 +86,29 @@ class DataConfig:
         _pos_int("audit_holdout", self.audit_holdout, 0)
 
 
+INIT_STRATEGIES = ("public", "dp", "random")
+
+
 @dataclass(frozen=True)
 class InitConfig:
-    strategy: str = field(default="public", metadata={"help": "public | random (data-free)"})
+    strategy: str = field(default="public", metadata={"help": "public | dp (accounted, from client data) | random (data-free)"})
     public_examples: int = field(default=512, metadata={"help": "public records used for the gradient-sign estimate"})
     lr: float = field(default=1e-3, metadata={"help": "lr_eff of the estimated first update ΔW ≈ -lr·sign(Σ∇W)"})
     head_epochs: int = field(default=30, metadata={"help": "LBFGS iterations fitting the head on public features"})
     head: str = field(default="public", metadata={"help": "classification head init: public (fit on the public slice) | random"})
+    dp_noise_multiplier: float = field(default=2.0, metadata={"help": "init dp: σ of each client's Gaussian release (noise σ·C)"})
+    dp_clip: float = field(default=1.0, metadata={"help": "init dp: per-example clip C of the base-weight gradient (all adapted layers jointly)"})
+    dp_batch_size: int = field(default=256, metadata={"help": "init dp: expected Poisson sample per client, q = b / n_client"})
 
     def __post_init__(self) -> None:
-        _check(self.strategy in ("public", "random"), f"init must be 'public' or 'random', got {self.strategy!r}")
+        _check(self.strategy in INIT_STRATEGIES, f"init must be one of {list(INIT_STRATEGIES)}, got {self.strategy!r}")
         _pos_int("init.public_examples", self.public_examples)
         _finite_pos("init.lr", self.lr)
         _pos_int("init.head_epochs", self.head_epochs, 0)
         _check(self.head in ("public", "random"), f"init.head must be 'public' or 'random', got {self.head!r}")
+        _finite_pos("init.dp_noise_multiplier", self.dp_noise_multiplier)
+        _finite_pos("init.dp_clip", self.dp_clip)
+        _pos_int("init.dp_batch_size", self.dp_batch_size)
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,13 @@ class RunConfig:
                f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.seed is not None:
             _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        _check(self.init.strategy != "dp" or self.train.method == "fed-sb",
+               f"init 'dp' estimates LoRA-SB's B and A and applies to method fed-sb only, got method {self.train.method!r}")
+        _check(not self.privacy.client_level or self.train.method == "fed-sb",
+               f"privacy.unit client|both (DP-FedAvg) is implemented for method fed-sb only, got method {self.train.method!r}")
+        _check(self.init.strategy != "dp" or self.privacy.record_level,
+               "init 'dp' needs record-level DP (its cost goes into each client's record-level ledger), "
+               f"got privacy.unit={self.privacy.unit!r}, privacy.enabled={self.privacy.enabled!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dpfed.adapters.lorasb import per_sample_mode
+from dpfed.adapters.lorasb import per_sample_mode, per_sample_weight_mode
 from dpfed.errors import ConfigError, PrivacyCheckError
 
 
@@ -90,6 +90,25 @@ def per_sample_gradients(model: nn.Module, batch: dict[str, torch.Tensor], *, ta
             raise PrivacyCheckError(f"no per-sample gradient reached trainable parameters {missing[:5]}")
         grads = {n: leaf.grad for n, leaf in leaves.items()}
     return grads, losses.detach()
+
+
+def per_sample_weight_gradients(model: nn.Module, adapters: dict, batch: dict[str, torch.Tensor], *, task: str,
+                                autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Layer name → (B, d_out, d_in) gradients of each example's loss with respect to the adapted base weights.
+
+    Used by the DP initialisation; no parameter's ``.grad`` is touched.
+    """
+    bsz = batch["input_ids"].shape[0]
+    with per_sample_weight_mode(adapters, bsz) as leaves:
+        dev_type = batch["input_ids"].device.type
+        with torch.autocast(dev_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            losses = per_example_loss(model, batch, task=task)
+        names = list(leaves)
+        grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in names], allow_unused=True)
+    missing = [n for n, g in zip(names, grads) if g is None]
+    if missing:
+        raise PrivacyCheckError(f"no per-sample gradient reached the adapted weights {missing[:5]}")
+    return dict(zip(names, grads))
 
 
 def clipped_sum(per_sample: dict[str, torch.Tensor], *, clip: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -23,7 +23,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from dpfed import config as config_mod
-from dpfed.adapters.init import fit_head_public, init_head_random, init_public, init_random
+from dpfed.adapters.init import (
+    factors_from_gradient,
+    fit_head_public,
+    init_head_random,
+    init_public,
+    init_random,
+    zero_factors,
+)
 from dpfed.adapters.lorasb import LoRASBLinear, load_trainable_state, trainable_state
 from dpfed.aggregation import FedSBAggregator
 from dpfed.client import Budget, Client, LocalTraining
@@ -63,6 +70,8 @@ class Job:
     client_noise_multiplier: float | None = None  # client-level σ_c (privacy.unit client|both)
     canaries: Any = None  # attacks.canaries.CanarySet when the run is audited
     attack_records: dict | None = None  # members / held-out non-members for the membership attacks
+    method: Any = None  # dpfed.methods.FedSBMethod | LoRAMethod
+    noise_enabled: bool = True  # False only for compare's noise-amplification twin (no guarantee)
 
     @property
     def dp(self) -> bool:
@@ -88,11 +97,15 @@ def _child_seed(seed: int, *path: int) -> int:
     return int(np.random.SeedSequence([seed, *path]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | None = None) -> Job:
+def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | None = None,
+            data_from: Job | None = None) -> Job:
     """Validate the whole configuration against data and model and build the job. Writes nothing.
 
     ``split_seed`` fixes the data split (resume); by default it derives from a user seed or is
     drawn from OS entropy independently of the noise seed, so recording it reveals no noise.
+    ``data_from`` reuses another job's split, tokenised shards and frozen-prefix caches (``dpfed
+    compare``: same data and model, another method); it must have the same split seed and the
+    same data and model settings, and no canaries.
     """
     t0 = time.time()
     seed_is_user = cfg.seed is not None
@@ -102,17 +115,20 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
     device = resolve_device(cfg.device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     task = cfg.model.task
+    if data_from is not None:
+        _check_reusable(cfg, data_from, split_seed)
     progress("setup", {"stage": "data"})
-    records = load_records(cfg.data, task=task)
+    records = load_records(cfg.data, task=task) if data_from is None else None
     heldout = None
-    n_holdout = cfg.data.audit_holdout or (min(500, len(records) // 20) if cfg.data.canaries else 0)
+    n_holdout = 0 if data_from is not None else (
+        cfg.data.audit_holdout or (min(500, len(records) // 20) if cfg.data.canaries else 0))
     if n_holdout:  # non-members for the membership attacks, set aside before anything else
         perm = np.random.default_rng(_child_seed(split_seed, 9)).permutation(len(records))
         heldout, records = records.subset(np.sort(perm[:n_holdout])), records.subset(np.sort(perm[n_holdout:]))
-    splits = split_and_partition(records, cfg.data, seed=split_seed)
+    splits = split_and_partition(records, cfg.data, seed=split_seed) if data_from is None else data_from.splits
     progress("setup", {"stage": "model"})
     path = resolve_model_path(cfg.model.name)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path) if data_from is None else data_from.tokenizer
     canaries = attack_records = None
     if cfg.data.canaries:
         # the audit's canaries go through exactly the same sampling, clipping and noise as real records;
@@ -127,16 +143,28 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
 
         attack_records = choose_attack_records(splits, heldout=heldout, n=len(heldout), seed=_child_seed(split_seed, 8),
                                                canaries=canaries)
-    num_labels = len(records.label_names) if records.labels is not None else 0
+    label_source = records if data_from is None else data_from.splits.test
+    num_labels = len(label_source.label_names) if label_source.labels is not None else 0
     model = load_base(cfg.model.name, task=task, num_labels=max(num_labels, 2))
     model_type = getattr(model.config, "model_type", "")
     targets = cfg.model.target_modules or DEFAULT_TARGETS[model_family(model_type)]
     names = select_targets(model, tuple(targets), cfg.model.adapt_layers)
-    adapters = inject_lorasb(model, names, rank=cfg.model.rank)
+    method_name = cfg.train.method
+    if method_name == "fed-sb":
+        adapters = inject_lorasb(model, names, rank=cfg.model.rank)
+    else:
+        from dpfed.adapters.lora import inject_lora
+
+        _check_rank(model, names, cfg.model.rank)
+        adapters = inject_lora(model, names, rank=cfg.model.rank, alpha=cfg.model.lora_alpha or float(cfg.model.rank),
+                               train_a=method_name != "ffa-lora", generator=make_generator(_child_seed(seed, 2, 2)))
     model.to(device)
     ml = cfg.model.max_length
-    shards = [tokenize(c, tokenizer, max_length=ml) for c in splits.clients]
-    test = tokenize(splits.test, tokenizer, max_length=ml)
+    if data_from is None:
+        shards = [tokenize(c, tokenizer, max_length=ml) for c in splits.clients]
+        test = tokenize(splits.test, tokenizer, max_length=ml)
+    else:
+        shards, test = data_from.shards, data_from.test
     n_min = min(len(s) for s in shards)
     if cfg.train.batch_size > n_min:
         raise ConfigError(f"batch_size must be <= the smallest client shard ({n_min} records), got {cfg.train.batch_size}")
@@ -149,24 +177,53 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
     gen = make_generator(_child_seed(seed, 2))
     init_info: dict[str, float] = {}
     init_head_random(model, generator=gen)
-    needs_public = cfg.init.strategy == "public" or (cfg.init.head == "public" and isinstance(model, SequenceClassifier))
+    lorasb_init = cfg.init.strategy if method_name == "fed-sb" else None  # LoRA baselines: PEFT's init (in inject_lora)
+    needs_public = lorasb_init == "public" or (cfg.init.head == "public" and isinstance(model, SequenceClassifier))
     public = tokenize(splits.public, tokenizer, max_length=ml) if needs_public else None
     if public is not None and len(public) == 0:
         raise DataError("init needs public records, got 0 (raise data.public_fraction, or use init strategy/head 'random')")
     if cfg.init.head == "public" and isinstance(model, SequenceClassifier):
         init_info.update(fit_head_public(model, public, examples=cfg.init.public_examples, epochs=cfg.init.head_epochs,
                                          generator=gen, device=device))
-    if cfg.init.strategy == "random":
+    if lorasb_init is None:
+        init_info["lora_init"] = 1.0  # A Kaiming-uniform from the run seed, B = 0 (PEFT's default)
+    elif lorasb_init == "random":
         init_random(adapters, generator=gen)
+    elif lorasb_init == "dp":
+        zero_factors(adapters)  # the clients' accounted contributions set B, A, R in run(), once the ledger exists
     else:
         init_info.update(init_public(model, adapters, public, task=task, lr=cfg.init.lr,
                                      num_examples=cfg.init.public_examples, generator=gen, device=device))
-    if cfg.model.prefix_cache and isinstance(model, SequenceClassifier):
+    if data_from is not None and isinstance(model, SequenceClassifier):
+        model.prefix_start = getattr(data_from.model, "prefix_start", 0)  # the shards carry its cached states
+        init_info["prefix_cache_layers"] = float(model.prefix_start)
+    elif cfg.model.prefix_cache and isinstance(model, SequenceClassifier):
         progress("setup", {"stage": "prefix cache"})
         init_info.update(_enable_prefix_cache(model, names, shards + [test], device))
     client_sigma = client_noise_multiplier(cfg) if cfg.privacy.client_level else None
+    from dpfed.methods import FedSBMethod, LoRAMethod
+
+    weighting = "uniform" if cfg.privacy.client_level else cfg.train.weighting
+    method = (FedSBMethod(model, adapters, weighting=weighting) if method_name == "fed-sb"
+              else LoRAMethod(method_name, model, adapters, weighting=weighting, seed=seed))
     return Job(cfg, model, adapters, tokenizer, splits, test, shards, device, autocast_dtype, seed, seed_is_user,
-               sigma, init_info, time.time() - t0, split_seed, client_sigma, canaries, attack_records)
+               sigma, init_info, time.time() - t0, split_seed, client_sigma, canaries, attack_records, method)
+
+
+def _check_reusable(cfg: RunConfig, other: Job, split_seed: int) -> None:
+    same = (cfg.data == other.cfg.data and cfg.model.name == other.cfg.model.name
+            and cfg.model.max_length == other.cfg.model.max_length and cfg.model.adapt_layers == other.cfg.model.adapt_layers
+            and cfg.model.target_modules == other.cfg.model.target_modules and cfg.model.prefix_cache == other.cfg.model.prefix_cache
+            and cfg.device == other.cfg.device and split_seed == other.split_seed and not cfg.data.canaries)
+    if not same:
+        raise ValueError("data_from must share data, model, device settings and split seed, and have no canaries")
+
+
+def _check_rank(model: nn.Module, names: list[str], rank: int) -> None:
+    for n in names:
+        d_out, d_in = model.get_submodule(n).weight.shape
+        if rank > min(d_out, d_in):
+            raise ConfigError(f"rank must be <= min(d_out, d_in) = {min(d_out, d_in)} of {n}, got {rank}")
 
 
 def _enable_prefix_cache(model: SequenceClassifier, names: list[str], shards: list[TokenizedShard],
@@ -186,13 +243,39 @@ def _enable_prefix_cache(model: SequenceClassifier, names: list[str], shards: li
     return {"prefix_cache_layers": float(start)}
 
 
+def dp_init_params(cfg: RunConfig) -> DPSGDParams:
+    i = cfg.init
+    return DPSGDParams(noise_multiplier=i.dp_noise_multiplier, clip=i.dp_clip, expected_batch_size=i.dp_batch_size)
+
+
 def calibrate(cfg: RunConfig, sizes: list[int]) -> float:
-    """σ such that the client with the most compositions ends at or below ε after all planned rounds."""
+    """σ such that the client with the most compositions ends at or below ε after all planned rounds.
+
+    With ``init: dp`` each client's initialisation event is part of its plan (same total ε).
+    """
+    from accounting.events import PoissonGaussianEvent
     from accounting.planning import calibrate_noise
 
     steps = cfg.train.rounds * cfg.train.local_steps
-    workloads = [(min(1.0, cfg.train.batch_size / n), steps) for n in sizes]
-    return calibrate_noise(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, workloads=workloads)
+    if cfg.init.strategy != "dp":
+        workloads = [(min(1.0, cfg.train.batch_size / n), steps) for n in sizes]
+        return calibrate_noise(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, workloads=workloads)
+    sigmas = []
+    for n in sorted(set(sizes)):  # the init event differs per client size: plan each distinct size
+        init_ev = PoissonGaussianEvent(noise_multiplier=cfg.init.dp_noise_multiplier,
+                                       sample_rate=min(1.0, cfg.init.dp_batch_size / n), count=1)
+        try:
+            sigmas.append(calibrate_noise(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
+                                          workloads=[(min(1.0, cfg.train.batch_size / n), steps)], fixed_events=[init_ev]))
+        except Exception as exc:
+            from accounting.errors import AccountingInputError
+
+            if isinstance(exc, AccountingInputError):
+                raise ConfigError(f"init.dp_noise_multiplier must leave budget for training: the DP initialisation alone "
+                                  f"spends the whole epsilon {cfg.privacy.epsilon:g} for a client of {n} records, "
+                                  f"got {cfg.init.dp_noise_multiplier:g}") from None
+            raise
+    return max(sigmas)
 
 
 def evaluate(model: nn.Module, data: TokenizedShard, *, task: str, device: torch.device,
@@ -260,7 +343,7 @@ def _sha256(data: bytes) -> str:
 
 
 def save_checkpoint(run_dir: Path, *, round: int, global_state: dict[str, torch.Tensor],
-                    adapters: dict[str, LoRASBLinear], meta: dict[str, Any]) -> None:
+                    frozen: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Atomically write the global trainable state, the frozen B and A, and ``meta`` (round, ledger heads).
 
     The safetensors file carries its metadata inside, so the state and the round it belongs to
@@ -269,9 +352,8 @@ def save_checkpoint(run_dir: Path, *, round: int, global_state: dict[str, torch.
     from safetensors.torch import save
 
     tensors = {f"trainable/{k}": v.detach().cpu().contiguous() for k, v in global_state.items()}
-    for name, layer in adapters.items():
-        tensors[f"frozen/{name}.B"] = layer.B.detach().cpu().contiguous()
-        tensors[f"frozen/{name}.A"] = layer.A.detach().cpu().contiguous()
+    for name, value in frozen.items():  # the method's frozen but run-specific tensors (B, A; folded W0)
+        tensors[f"frozen/{name}"] = value.detach().cpu().contiguous()
     meta = {"round": round, **meta}
     _atomic_write(run_dir / CHECKPOINT, save(tensors, metadata={"dpfed": json.dumps(meta)}))
     _json_dump(run_dir / CHECKPOINT_JSON, meta)
@@ -335,11 +417,18 @@ def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any
         from attacks.canaries import save_attack_records
 
         save_attack_records(run_dir / "attack_records.json", job.attack_records)
-    if job.dp:
-        _json_dump(run_dir / "budget.json", {"epsilon": cfg.privacy.epsilon, "delta": cfg.privacy.delta,
-                                             "accountant": "prv", "privacy_unit": "record"})
+    if job.dp or job.client_dp:
+        budget_info: dict[str, Any] = {"accountant": "prv"}
+        if job.dp:
+            budget_info.update(epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, privacy_unit="record")
+        if job.client_dp:
+            budget_info["client_level"] = {"epsilon": cfg.privacy.client_epsilon, "delta": cfg.privacy.client_delta_value}
+        _json_dump(run_dir / "budget.json", budget_info)
     ledger = Ledger(run_dir / LEDGER)
     server_ledger = Ledger(run_dir / SERVER_LEDGER) if job.client_dp else None
+    if cfg.init.strategy == "dp":
+        progress("setup", {"stage": "init", "strategy": "dp"})
+        job.init_info.update(_dp_init(job, ledger))
     global_state = trainable_state(job.model)
     save_state(run_dir / "initial_state.safetensors", global_state)
     eval0 = evaluate(job.model, job.test, task=cfg.model.task, device=job.device, batch_size=cfg.train.eval_batch_size,
@@ -354,10 +443,53 @@ def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any
         "init_info": job.init_info,
         "initial_eval": eval0,
     })
-    save_checkpoint(run_dir, round=0, global_state=global_state, adapters=job.adapters,
+    save_checkpoint(run_dir, round=0, global_state=global_state, frozen=job.method.frozen_state(),
                     meta=_ckpt_meta(run_dir, ledger, server_ledger))
     return _train(job, run_dir, ledger=ledger, server_ledger=server_ledger, global_state=global_state,
                   start_round=1, seed=job.seed, eval0=eval0, progress=progress, resumed=None)
+
+
+def _make_clients(job: Job, *, ledger, seed: int) -> list[Client]:
+    cfg = job.cfg
+    budget = Budget(cfg.privacy.epsilon, cfg.privacy.delta) if job.dp else None
+    training = LocalTraining(local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
+                             optimizer=cfg.train.optimizer, momentum=cfg.train.momentum, task=cfg.model.task)
+    clients = []
+    for i, shard in enumerate(job.shards):
+        dp = (DPSGDParams(noise_multiplier=job.noise_multiplier, clip=cfg.privacy.clip,
+                          expected_batch_size=cfg.train.batch_size) if job.dp else None)
+        clients.append(Client(client_id=f"client-{i:03d}", shard=shard, training=training, dp=dp,
+                              sample_generator=make_generator(_child_seed(seed, 3, i)),
+                              noise_generator=make_generator(_child_seed(seed, 4, i), job.device) if job.dp else None,
+                              ledger=ledger, budget=budget, device=job.device, autocast_dtype=job.autocast_dtype,
+                              noise_enabled=job.noise_enabled))
+    return clients
+
+
+def _dp_init(job: Job, ledger) -> dict[str, float]:
+    """``init: dp``: every client releases a clipped, noised gradient sum (its ledger first); the server signs and SVDs.
+
+    Round 0 of each client's ledger holds the event. Per-client generators derive from the run
+    seed at round 0, which no training round uses.
+    """
+    from accounting.prv import epsilon as prv_epsilon
+
+    params = dp_init_params(job.cfg)
+    clients = _make_clients(job, ledger=ledger, seed=job.seed)
+    zero_factors(job.adapters)  # the estimate is taken at W0
+    total: dict[str, torch.Tensor] = {}
+    for i, c in enumerate(clients):
+        part = c.init_contribution(job.model, job.adapters, params=params,
+                                   sample_generator=make_generator(_child_seed(job.seed, 3, i, 0)),
+                                   noise_generator=make_generator(_child_seed(job.seed, 4, i, 0), job.device))
+        for n, v in part.items():
+            total[n] = total[n] + v if n in total else v
+    factors_from_gradient(job.adapters, total, lr=job.cfg.init.lr, generator=make_generator(_child_seed(job.seed, 2, 1)))
+    values = sum(a.out_features * a.in_features for a in job.adapters.values())
+    eps_init = max(prv_epsilon([c.init_event(params)], delta=job.cfg.privacy.delta).upper for c in clients)
+    return {"dp_init_noise_multiplier": params.noise_multiplier, "dp_init_clip": params.clip,
+            "dp_init_batch_size": params.expected_batch_size, "dp_init_epsilon_alone": eps_init,
+            "dp_init_contributors": float(len(clients)), "dp_init_bytes_up_per_client": float(4 * values + FRAMING_BYTES)}
 
 
 def _ckpt_meta(run_dir: Path, ledger, server_ledger) -> dict[str, Any]:
@@ -395,8 +527,7 @@ def resume(run_dir: Path, *, progress: Progress = _noop, device: str | None = No
         job.seed, job.seed_is_user = new_seed(), False
     else:
         job.seed, job.seed_is_user = int(info["seed"]), True
-    for name, layer in job.adapters.items():
-        layer.set_factors(B=frozen[f"{name}.B"], A=frozen[f"{name}.A"], R=layer.R.detach())
+    job.method.load_frozen_state(frozen)
     load_trainable_state(job.model, trainable)
     start = int(meta["round"]) + 1
     n_clients = len(job.shards)
@@ -465,25 +596,17 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
 
     cfg, model, device = job.cfg, job.model, job.device
     t_start = time.time()
-    budget = Budget(cfg.privacy.epsilon, cfg.privacy.delta) if job.dp else None
-    training = LocalTraining(local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-                             optimizer=cfg.train.optimizer, momentum=cfg.train.momentum, task=cfg.model.task)
-    clients = []
-    for i, shard in enumerate(job.shards):
-        dp = (DPSGDParams(noise_multiplier=job.noise_multiplier, clip=cfg.privacy.clip,
-                          expected_batch_size=cfg.train.batch_size) if job.dp else None)
-        clients.append(Client(client_id=f"client-{i:03d}", shard=shard, training=training, dp=dp,
-                              sample_generator=make_generator(_child_seed(seed, 3, i)),
-                              noise_generator=make_generator(_child_seed(seed, 4, i), device) if job.dp else None,
-                              ledger=ledger, budget=budget, device=device, autocast_dtype=job.autocast_dtype))
+    clients = _make_clients(job, ledger=ledger, seed=seed)
     q_client = cfg.train.client_fraction
     if job.client_dp:  # DP-FedAvg: uniform weights, Poisson client sampling at rate q, fixed denominator q·N
         aggregator: Any = ClientLevelDP(FedSBAggregator(weighting="uniform"), clip=cfg.privacy.client_clip,
                                         noise_multiplier=job.client_noise_multiplier,
                                         expected_clients=q_client * len(clients), generator=make_generator(0))
     else:
-        aggregator = FedSBAggregator(weighting=cfg.train.weighting)
+        aggregator = job.method
     manifest = Manifest.of(global_state)
+    down_state = global_state  # what the server sends at the start of the next round (method-specific)
+    agg_errors: list[float] = []
     per_round = max(1, int(math.ceil(q_client * len(clients))))
     load_trainable_state(model, global_state)
     last_eval = evaluate(model, job.test, task=cfg.model.task, device=device, batch_size=cfg.train.eval_batch_size,
@@ -521,7 +644,7 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
             log.warning("stopping before round %d: %s", rnd, exc)
             break
         t_round = time.time()
-        down = encode(global_state, manifest, round=rnd, kind=KIND_DOWN)
+        down = encode(down_state, Manifest.of(down_state), round=rnd, kind=KIND_DOWN)
         results, ups = [], []
         for i in chosen:
             progress("client", {"round": rnd, "client": clients[i].client_id})
@@ -533,12 +656,14 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
             results.append(res)
         states, sizes = [r.state for r in results], [r.num_examples for r in results]
         if job.client_dp:
-            global_state = aggregator.aggregate(states, sizes, global_state=global_state)
+            global_state = down_state = aggregator.aggregate(states, sizes, global_state=global_state)
             # write-ahead: the server's event is durable before the noised state is released
             server_ledger.append(client=SERVER_ID, round=rnd, event=_server_event(job))
         elif results:
-            global_state = aggregator.aggregate(states, sizes)
-        save_checkpoint(run_dir, round=rnd, global_state=global_state, adapters=job.adapters,
+            agg = aggregator.aggregate(states, sizes, round=rnd)  # folds into W0 where the method does
+            global_state, down_state = agg.state, agg.down
+            agg_errors.append(agg.error)
+        save_checkpoint(run_dir, round=rnd, global_state=global_state, frozen=job.method.frozen_state(),
                         meta=_ckpt_meta(run_dir, ledger, server_ledger))
         bytes_up.extend(ups)
         load_trainable_state(model, global_state)
@@ -550,7 +675,9 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
         line = {"round": rnd, "clients": [clients[i].client_id for i in chosen],
                 "train_loss": float(np.mean([r.mean_loss for r in results])) if results else None, **ev,
                 "epsilon_spent": max(eps_clients.values()) if eps_clients else None,
-                "bytes_up": sum(ups), "bytes_down": len(down) * len(chosen), "seconds": time.time() - t_round}
+                "bytes_up": sum(ups), "bytes_down": len(down) * len(chosen),
+                "aggregation_error": agg_errors[-1] if results and not job.client_dp else None,
+                "seconds": time.time() - t_round}
         if job.client_dp:
             line["client_level_epsilon"] = _client_level_epsilon(job, server_ledger)
             line["client_update_norms"] = aggregator.last_norms
@@ -560,12 +687,9 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
             os.fsync(fh.fileno())
         rounds_done = rnd
         progress("round", line)
-    from dpfed.adapters.export import export_adapters
-
-    export_adapters(model, job.adapters, run_dir / "adapter", task=cfg.model.task, base_model=cfg.model.name)
+    job.method.export(run_dir / "adapter", task=cfg.model.task, base_model=cfg.model.name)
     eps_clients = {c.client_id: prv_epsilon(ledger.events(c.client_id), delta=cfg.privacy.delta) for c in clients} if job.dp else {}
     trainable = sum(v.numel() for v in global_state.values())
-    r2 = sum(a.rank ** 2 for a in job.adapters.values())
     client_level = None
     if job.client_dp:
         client_level = {
@@ -602,7 +726,8 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
         "clients": len(clients),
         "clients_per_round": per_round,
         "client_sizes": {c.client_id: c.num_examples for c in clients},
-        "init": cfg.init.strategy,
+        "init": cfg.init.strategy if cfg.train.method == "fed-sb" else "peft-default (A Kaiming-uniform, B = 0)",
+        "noise": "enabled" if job.noise_enabled else "DISABLED (noise-amplification twin: no privacy guarantee)",
         "init_info": job.init_info,
         "initial_eval": eval0,
         "accuracy": last_eval.get("accuracy"),
@@ -611,7 +736,9 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
         "bytes_up_per_client_round": int(np.mean(bytes_up)) if bytes_up else 0,
         "bytes_down_per_client_round": int(np.mean(bytes_down)) if bytes_down else 0,
         "payload_values": trainable,
-        "payload_formula": f"4*(sum r^2 = {r2} + head {trainable - r2}) + framing {FRAMING_BYTES}",
+        "payload_formula": job.method.payload_formula(trainable),
+        "aggregation_error": agg_errors[-1] if agg_errors else None,
+        "aggregation_error_max": max(agg_errors) if agg_errors else None,
         "framing_bytes": FRAMING_BYTES,
         "trainable_params": trainable,
         "adapted_layers": len(job.adapters),

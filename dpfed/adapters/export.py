@@ -30,13 +30,15 @@ def native_state(model: nn.Module, adapters: dict[str, LoRASBLinear]) -> dict[st
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every LoRA-SB layer replaced by its frozen base Linear."""
+    """A deep copy of ``model`` with every LoRA-SB or PEFT LoRA layer replaced by its base Linear."""
+    from peft.tuners.lora import LoraLayer
+
     clean = copy.deepcopy(model)
     for name, mod in list(clean.named_modules()):
-        if isinstance(mod, LoRASBLinear):
+        if isinstance(mod, (LoRASBLinear, LoraLayer)):
             parent_name, _, child = name.rpartition(".")
             parent = clean.get_submodule(parent_name) if parent_name else clean
-            setattr(parent, child, mod.base)
+            setattr(parent, child, mod.base if isinstance(mod, LoRASBLinear) else mod.get_base_layer())
     return clean
 
 
@@ -77,3 +79,53 @@ def export_adapters(model: nn.Module, adapters: dict[str, LoRASBLinear], out_dir
             "load": "W = W0 + scale * B @ R @ A for each target module; head.* is the classification head"}
     (out_dir / "lorasb_config.json").write_text(json.dumps(meta, indent=2) + "\n")
     to_peft(model, adapters).save_pretrained(str(out_dir / "peft"))
+
+
+def export_lora(model: nn.Module, layers: dict[str, nn.Module], out_dir: Path, *, method: str, task: str,
+                base_model: str, initial_base: dict[str, torch.Tensor]) -> None:
+    """A LoRA baseline's result as a standard PEFT adapter (``out_dir/peft``).
+
+    FedEx-LoRA and FLoRA change the base weights of the adapted layers (they fold into W0);
+    those layers' ``W0_now − W0_pretrained`` go to ``out_dir/base_delta.safetensors``, which must be
+    added to the base model before the PEFT adapter is applied.
+    """
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    from dpfed.adapters.lora import ADAPTER, factors
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = next(iter(layers.values()))
+    r = first.r[ADAPTER]
+    alpha = first.lora_alpha[ADAPTER]
+    base = unwrap(model)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(layers), bias="none",
+                     modules_to_save=["head"] if isinstance(model, SequenceClassifier) else None)
+    deltas = {}
+    with torch.no_grad():
+        for name in layers:  # the exported base is the pretrained one; folds go to base_delta
+            w = base.get_submodule(name).weight
+            deltas[name] = (w.detach().float() - initial_base[name].float()).cpu().contiguous()
+            w.copy_(initial_base[name].to(w))
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            B, A = factors(layer)
+            target = peft_model.base_model.model.get_submodule(name)
+            target.lora_A["default"].weight.copy_(A)
+            target.lora_B["default"].weight.copy_(B)
+        if isinstance(model, SequenceClassifier):
+            head = peft_model.base_model.model.head
+            trained = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
+            trained.weight.copy_(model.head.weight)
+            trained.bias.copy_(model.head.bias)
+    peft_model.save_pretrained(str(out_dir / "peft"))
+    folded = any(float(d.abs().max()) > 0 for d in deltas.values())
+    if folded:
+        save_file({f"{n}.weight": d for n, d in deltas.items()}, str(out_dir / "base_delta.safetensors"))
+    meta = {"format": "dpfed-lora/1", "method": method, "base_model": base_model, "task": task, "rank": r,
+            "lora_alpha": alpha, "target_modules": list(layers), "peft_adapter": "peft",
+            "base_delta": "base_delta.safetensors" if folded else None,
+            "load": ("add base_delta to the adapted layers' weights, then load the PEFT adapter" if folded
+                     else "load the PEFT adapter on the pretrained base")}
+    (out_dir / "lora_config.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -7,10 +7,17 @@
   adapted base weights made trainable for this one pass, then a truncated SVD
   ``ΔW ≈ U_r S_r V_rᵀ`` gives ``B = U_r``, ``A = V_rᵀ``, ``R = diag(S_r)``. The records come from
   the split the config declares public.
+- ``dp``: the same estimate from the clients' private records, under DP (Fed-SB, arXiv 2502.15436,
+  Sec. 4 uses a shared init; the DP variant is ours): each client sends a clipped, noised sum of
+  per-example gradients of the adapted base weights over a Poisson sample of its records (the
+  Gaussian mechanism, an event in its ledger); the server adds the contributions and applies
+  :func:`factors_from_gradient`. The client side lives in ``dpfed.client``; here only the
+  server's post-processing, which sees nothing but noised sums.
 
 A classification head is either random or fitted on the public records (frozen features,
 logistic regression); fit it before ``init_public`` so that the gradient through it is informative.
 
+Only ``dp`` reads client data, and only through the accounted mechanism.
 The server computes B and A once and broadcasts them: every client holds the same factors.
 """
 
@@ -97,6 +104,28 @@ def fit_head_public(model: SequenceClassifier, public: TokenizedShard, *, exampl
     return {"head_public_examples": float(len(public)), "head_public_accuracy": acc}
 
 
+def zero_factors(adapters: dict[str, LoRASBLinear]) -> None:
+    """B = A = R = 0: the model is exactly the base model (gradient estimates are taken at W0)."""
+    for layer in adapters.values():
+        layer.set_factors(B=torch.zeros_like(layer.B), A=torch.zeros_like(layer.A), R=torch.zeros_like(layer.R))
+
+
+def factors_from_gradient(adapters: dict[str, LoRASBLinear], grads: dict[str, torch.Tensor], *, lr: float,
+                          generator: torch.Generator) -> None:
+    """LoRA-SB's init from a summed gradient G of each adapted weight (arXiv 2411.19557, Sec. 3.2).
+
+    ``ΔW = -lr · sign(G)`` (d_out, d_in), truncated SVD ``ΔW ≈ U_r S_r V_rᵀ``, then
+    ``B = U_r``, ``A = V_rᵀ``, ``R = diag(S_r)``. Pure post-processing of ``grads``.
+    """
+    missing = sorted(set(adapters) - set(grads))
+    if missing:
+        raise ValueError(f"gradient sums missing for adapted layers {missing[:3]}")
+    for name, layer in adapters.items():
+        delta = -lr * torch.sign(grads[name].float())  # (d_out, d_in)
+        U, S, Vh = randomized_svd(delta, rank=layer.rank, generator=generator)
+        layer.set_factors(B=U, A=Vh, R=torch.diag(S))
+
+
 def init_public(model: nn.Module, adapters: dict[str, LoRASBLinear], public: TokenizedShard, *, task: str,
                 lr: float, num_examples: int, generator: torch.Generator,
                 batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, float]:
@@ -109,8 +138,7 @@ def init_public(model: nn.Module, adapters: dict[str, LoRASBLinear], public: Tok
     sel = torch.randperm(len(public), generator=generator)[:n].tolist()
     info: dict[str, float] = {"public_examples": float(n)}
     # zero the adapters so the estimate is taken at W0, and make the adapted base weights trainable
-    for layer in adapters.values():
-        layer.set_factors(B=torch.zeros_like(layer.B), A=torch.zeros_like(layer.A), R=torch.zeros_like(layer.R))
+    zero_factors(adapters)
     weights = {name: layer.base.weight for name, layer in adapters.items()}
     saved = {name: w.requires_grad for name, w in weights.items()}
     head_flags = [p.requires_grad for p in model.parameters()]
@@ -123,12 +151,7 @@ def init_public(model: nn.Module, adapters: dict[str, LoRASBLinear], public: Tok
         for start in range(0, n, batch_size):
             batch = public.batch(sel[start:start + batch_size], device)
             per_example_loss(model, batch, task=task).sum().backward()
-        for name, layer in adapters.items():
-            g = weights[name].grad.float()
-            delta = -lr * torch.sign(g)  # (d_out, d_in)
-            r = layer.rank
-            U, S, Vh = randomized_svd(delta, rank=r, generator=generator)
-            layer.set_factors(B=U, A=Vh, R=torch.diag(S))
+        factors_from_gradient(adapters, {name: w.grad for name, w in weights.items()}, lr=lr, generator=generator)
     finally:
         for name, w in weights.items():
             w.grad = None

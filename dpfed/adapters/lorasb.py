@@ -43,6 +43,7 @@ class LoRASBLinear(nn.Module):
         self.register_buffer("B", torch.zeros(d_out, rank, device=dev, dtype=torch.float32))
         self.R = nn.Parameter(torch.zeros(rank, rank, device=dev, dtype=torch.float32))
         self._per_sample_R: torch.Tensor | None = None
+        self._per_sample_dW: torch.Tensor | None = None  # (B, d_out, d_in) zero leaf: DP initialisation only
 
     @property
     def in_features(self) -> int:
@@ -81,28 +82,48 @@ class LoRASBLinear(nn.Module):
         delta = h @ self.B.T  # (..., d_out)
         if self.scale != 1.0:
             delta = delta * self.scale
+        dw = self._per_sample_dW
+        if dw is not None:  # y_b += ΔW_b x_b with ΔW_b = 0: its gradient is example b's ∂L_b/∂W0 = Σ_t g_bt x_btᵀ
+            x3 = x.unsqueeze(1) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, d_in)
+            extra = torch.bmm(x3.to(dw.dtype), dw.transpose(1, 2))  # (B, T, d_out)
+            delta = delta + (extra.squeeze(1) if x.dim() == 2 else extra.reshape(delta.shape))
         return y + delta.to(y.dtype)
 
 
-class PerSampleLinear(nn.Module):
-    """A trainable ``nn.Linear`` (e.g. a classification head) that supports per-sample gradients.
+class PerSampleLinear(nn.Linear):
+    """A trainable linear map (a classification head, or PEFT's ``lora_A``/``lora_B``) with per-sample gradients.
 
-    In per-sample mode the weight and bias are (batch, d_out, d_in) and (batch, d_out) copies,
-    so autograd returns one gradient per example. Inputs must be (batch, d_in).
+    An ``nn.Linear`` (same ``weight``/``bias`` names and shapes, so PEFT's code that reads
+    ``lora_A[...].weight`` keeps working) whose forward, in per-sample mode, uses
+    (batch, d_out, d_in) and (batch, d_out) views of its parameters, so autograd returns one
+    gradient per example. Inputs are (batch, d_in) or (batch, ..., d_in). Parameters start at
+    zero (no global RNG); callers install values with :meth:`load`.
     """
 
-    def __init__(self, d_in: int, d_out: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(d_out, d_in))
-        self.bias = nn.Parameter(torch.zeros(d_out))
-        self._per_sample: tuple[torch.Tensor, torch.Tensor] | None = None
+    def __init__(self, d_in: int, d_out: int, *, bias: bool = True, device=None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = d_in, d_out
+        self.weight = nn.Parameter(torch.zeros(d_out, d_in, device=device))
+        self.bias = nn.Parameter(torch.zeros(d_out, device=device)) if bias else None
+        self._per_sample: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> PerSampleLinear:
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            if bias is not None:
+                self.bias.copy_(bias)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.weight.dtype)
         if self._per_sample is None:
-            return x @ self.weight.T + self.bias
-        w, b = self._per_sample  # (B, d_out, d_in), (B, d_out)
-        return torch.bmm(w, x.unsqueeze(-1)).squeeze(-1) + b
+            return nn.functional.linear(x, self.weight, self.bias)
+        w, b = self._per_sample  # (B, d_out, d_in), (B, d_out) or None
+        x3 = x.unsqueeze(1) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, d_in)
+        y = torch.bmm(x3, w.transpose(1, 2))  # (B, T, d_out)
+        if b is not None:
+            y = y + b.unsqueeze(1)
+        return y.squeeze(1) if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
 
 def adapter_modules(model: nn.Module) -> dict[str, LoRASBLinear]:
@@ -154,13 +175,21 @@ def per_sample_mode(model: nn.Module, batch_size: int) -> Iterator[dict[str, tor
                 owned.add(id(mod.R))
                 touched.append(mod)
             elif isinstance(mod, PerSampleLinear):
-                w = mod.weight.detach().unsqueeze(0).expand(batch_size, -1, -1).requires_grad_(True)
-                b = mod.bias.detach().unsqueeze(0).expand(batch_size, -1).requires_grad_(True)
-                mod._per_sample = (w, b)
                 prefix = f"{name}." if name else ""
-                leaves[prefix + "weight"] = w
-                leaves[prefix + "bias"] = b
-                owned.update((id(mod.weight), id(mod.bias)))
+                w = b = None
+                if mod.weight.requires_grad:  # a frozen factor (FFA-LoRA's A) stays shared, no leaf
+                    w = mod.weight.detach().unsqueeze(0).expand(batch_size, -1, -1).requires_grad_(True)
+                    leaves[prefix + "weight"] = w
+                    owned.add(id(mod.weight))
+                else:
+                    w = mod.weight.detach().unsqueeze(0).expand(batch_size, -1, -1)
+                if mod.bias is not None:
+                    b = mod.bias.detach().unsqueeze(0).expand(batch_size, -1)
+                    if mod.bias.requires_grad:
+                        b = b.requires_grad_(True)
+                        leaves[prefix + "bias"] = b
+                        owned.add(id(mod.bias))
+                mod._per_sample = (w, b)
                 touched.append(mod)
         orphans = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
         if orphans:
@@ -177,6 +206,29 @@ def per_sample_mode(model: nn.Module, batch_size: int) -> Iterator[dict[str, tor
                 mod._per_sample_R = None
             else:
                 mod._per_sample = None
+
+
+@contextlib.contextmanager
+def per_sample_weight_mode(adapters: dict[str, LoRASBLinear], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Give each adapted layer a (batch, d_out, d_in) zero leaf added to its frozen weight.
+
+    After ``backward`` of the summed per-example losses, ``leaf.grad[b]`` is example b's
+    gradient with respect to that layer's base weight ``W0`` — what a DP initialisation clips
+    and noises. The weights themselves stay frozen and receive no gradient. The leaves are
+    stride-0 expanded views; only their gradients take batch × d_out × d_in memory.
+    """
+    leaves: dict[str, torch.Tensor] = {}
+    try:
+        for name, layer in adapters.items():
+            w = layer.base.weight
+            leaf = torch.zeros((), device=w.device, dtype=torch.float32).expand(
+                batch_size, layer.out_features, layer.in_features).requires_grad_(True)
+            layer._per_sample_dW = leaf
+            leaves[name] = leaf
+        yield leaves
+    finally:
+        for layer in adapters.values():
+            layer._per_sample_dW = None
 
 
 def orthonormal(rows: int, cols: int, *, generator: torch.Generator) -> torch.Tensor:

@@ -24,13 +24,14 @@ EXIT_INPUT_ERROR = 2
 
 
 def _register() -> None:
-    from dpfed.cli import audit, budget, comm, plan, train
+    from dpfed.cli import audit, budget, comm, compare, plan, train
 
     app.command("train")(train.train)
     app.command("plan")(plan.plan)
     app.command("budget")(budget.budget)
     app.command("comm")(comm.comm)
     app.command("audit")(audit.audit)
+    app.command("compare")(compare.compare)
 
 
 def main(argv: list[str] | None = None) -> None:

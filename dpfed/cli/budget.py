@@ -3,6 +3,8 @@
 Reads ``RUN_DIR/ledger.jsonl`` (verified line by line, never modified) and
 ``RUN_DIR/budget.json`` (``{"epsilon": E, "delta": D, "accountant": "prv",
 "privacy_unit": "record"}``) and derives every client's epsilon from its events.
+A run with client-level DP also has ``server_ledger.jsonl`` and a ``"client_level":
+{"epsilon": E_c or null, "delta": D_c}`` entry; a client-level-only run has no record-level keys.
 """
 
 from __future__ import annotations
@@ -17,29 +19,53 @@ import typer
 from dpfed.errors import ConfigError
 
 LEDGER_NAME = "ledger.jsonl"
+SERVER_LEDGER_NAME = "server_ledger.jsonl"
 BUDGET_NAME = "budget.json"
 
 
 FORMATS = ("table", "json")
 
 
+def _check_epsilon(path: Path, name: str, epsilon: Any, *, optional: bool = False) -> float | None:
+    if optional and epsilon is None:
+        return None
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
+        raise ConfigError(f"{path}: {name} must be a finite number > 0, got {epsilon!r}")
+    return float(epsilon)
+
+
+def _check_delta(path: Path, name: str, delta: Any) -> float:
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0 < delta < 1):
+        raise ConfigError(f"{path}: {name} must be a number in (0, 1), got {delta!r}")
+    return float(delta)
+
+
 def read_budget(path: Path) -> dict[str, Any]:
-    """Load and validate budget.json; raise ConfigError naming the field otherwise."""
+    """Load and validate budget.json; raise ConfigError naming the field otherwise.
+
+    Returns ``epsilon``/``delta`` (None for a client-level-only run), ``accountant``,
+    ``privacy_unit`` and ``client_level`` (None or ``{"epsilon": float | None, "delta": float}``).
+    """
     from dpfed.jsonio import read_json_object
 
     data = read_json_object(path, what="budget file")
-    epsilon, delta = data.get("epsilon"), data.get("delta")
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
-        raise ConfigError(f"{path}: epsilon must be a finite number > 0, got {epsilon!r}")
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0 < delta < 1):
-        raise ConfigError(f"{path}: delta must be a number in (0, 1), got {delta!r}")
     accountant = data.get("accountant", "prv")
     if accountant not in ("prv", "rdp"):
         raise ConfigError(f"{path}: accountant must be prv or rdp, got {accountant!r}")
+    client_level = data.get("client_level")
+    if client_level is not None:
+        if not isinstance(client_level, dict):
+            raise ConfigError(f"{path}: client_level must be an object, got {client_level!r}")
+        client_level = {"epsilon": _check_epsilon(path, "client_level.epsilon", client_level.get("epsilon"), optional=True),
+                        "delta": _check_delta(path, "client_level.delta", client_level.get("delta"))}
+    record_level = client_level is None or "epsilon" in data or "delta" in data
+    epsilon = _check_epsilon(path, "epsilon", data.get("epsilon")) if record_level else None
+    delta = _check_delta(path, "delta", data.get("delta")) if record_level else None
     unit = data.get("privacy_unit", "record")
     if unit not in ("record", "client"):
         raise ConfigError(f"{path}: privacy_unit must be record or client, got {unit!r}")
-    return {"epsilon": float(epsilon), "delta": float(delta), "accountant": accountant, "privacy_unit": unit}
+    return {"epsilon": epsilon, "delta": delta, "accountant": accountant, "privacy_unit": unit,
+            "client_level": client_level}
 
 
 def _ranges(values: list[int]) -> str:
@@ -63,15 +89,62 @@ def budget(
     output_format: Annotated[str, typer.Option("--format", help="table (human) or json (machine).")] = "table",
 ) -> None:
     """Per client: epsilon spent (upper bound, plus lower/estimate), epsilon remaining, rounds taken part in."""
-    from accounting.ledger import Ledger
-    from accounting.planning import bound
-
     if output_format not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
     if not run_dir.is_dir():
         raise ConfigError(f"RUN_DIR must be a directory, got {str(run_dir)!r}")
     config = read_budget(run_dir / BUDGET_NAME)
-    ledger_path = run_dir / LEDGER_NAME
+    result: dict[str, Any] = {"run_dir": str(run_dir), "accountant": config["accountant"]}
+    rows: list[dict[str, Any]] = []
+    if config["epsilon"] is not None:
+        rows = _record_rows(run_dir / LEDGER_NAME, config)
+        result.update({
+            "epsilon_budget": config["epsilon"],
+            "delta": config["delta"],
+            "privacy_unit": config["privacy_unit"],
+            "max_epsilon": max((row["epsilon"] for row in rows), default=0.0),
+            "clients": rows,
+        })
+    client = _client_level(run_dir / SERVER_LEDGER_NAME, config) if config["client_level"] else None
+    result["client_level"] = client
+    if output_format == "json":
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if config["epsilon"] is not None:
+        table = Table(title=(f"privacy budget: epsilon {config['epsilon']:g}, delta {config['delta']:g}, "
+                             f"{config['accountant']}, unit {config['privacy_unit']}"))
+        for column in ("client", "epsilon spent (upper)", "lower / estimate", "remaining", "rounds", "events"):
+            table.add_column(column)
+        for row in rows:
+            lower = "-" if row["epsilon_lower"] is None else f"{row['epsilon_lower']:.4f}"
+            remaining = f"{row['remaining']:.4f}" + (" EXCEEDED" if row["exceeded"] else "")
+            table.add_row(row["client"], f"{row['epsilon']:.4f}", f"{lower} / {row['epsilon_estimate']:.4f}",
+                          remaining, f"{row['num_rounds']} ({_ranges(row['rounds'])})", str(row["events"]))
+        if not rows:
+            table.add_row("(no events recorded)", "0", "-", f"{config['epsilon']:.4f}", "0", "0")
+        console.print(table)
+    if client is not None:
+        target = "none set" if client["epsilon_budget"] is None else f"{client['epsilon_budget']:g}"
+        table = Table(title=(f"client-level DP (whole sites; {client['trust']}): budget {target}, "
+                             f"delta {client['delta']:g}, {config['accountant']}"))
+        for column in ("account", "epsilon spent (upper)", "lower / estimate", "remaining", "rounds released"):
+            table.add_column(column)
+        remaining = "-" if client["remaining"] is None else (
+            f"{client['remaining']:.4f}" + (" EXCEEDED" if client["exceeded"] else ""))
+        lower = "-" if client["epsilon_lower"] is None else f"{client['epsilon_lower']:.4f}"
+        table.add_row(client["account"], f"{client['epsilon']:.4f}", f"{lower} / {client['epsilon_estimate']:.4f}",
+                      remaining, f"{client['num_rounds']} ({_ranges(client['rounds'])})")
+        console.print(table)
+
+
+def _record_rows(ledger_path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    from accounting.ledger import Ledger
+    from accounting.planning import bound
+
     if not ledger_path.is_file():
         raise ConfigError(f"{ledger_path}: ledger not found")
     ledger = Ledger(ledger_path)  # verifies every line; raises LedgerCorruptError
@@ -97,31 +170,39 @@ def budget(
             "num_rounds": len(rounds),
             "events": len(events),
         })
-    result = {
-        "run_dir": str(run_dir),
-        "epsilon_budget": config["epsilon"],
-        "delta": config["delta"],
-        "accountant": config["accountant"],
-        "privacy_unit": config["privacy_unit"],
-        "max_epsilon": max((row["epsilon"] for row in rows), default=0.0),
-        "clients": rows,
-    }
-    if output_format == "json":
-        typer.echo(json.dumps(result, indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
+    return rows
 
-    console = Console()
-    table = Table(title=(f"privacy budget: epsilon {config['epsilon']:g}, delta {config['delta']:g}, "
-                         f"{config['accountant']}, unit {config['privacy_unit']}"))
-    for column in ("client", "epsilon spent (upper)", "lower / estimate", "remaining", "rounds", "events"):
-        table.add_column(column)
-    for row in rows:
-        lower = "-" if row["epsilon_lower"] is None else f"{row['epsilon_lower']:.4f}"
-        remaining = f"{row['remaining']:.4f}" + (" EXCEEDED" if row["exceeded"] else "")
-        table.add_row(row["client"], f"{row['epsilon']:.4f}", f"{lower} / {row['epsilon_estimate']:.4f}",
-                      remaining, f"{row['num_rounds']} ({_ranges(row['rounds'])})", str(row["events"]))
-    if not rows:
-        table.add_row("(no events recorded)", "0", "-", f"{config['epsilon']:.4f}", "0", "0")
-    console.print(table)
+
+def _client_level(ledger_path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The server ledger's one account: the client-level (whole-site) guarantee."""
+    from accounting.ledger import Ledger
+    from accounting.planning import bound
+
+    if not ledger_path.is_file():
+        raise ConfigError(f"{ledger_path}: server ledger not found (budget.json declares client-level DP)")
+    ledger = Ledger(ledger_path)
+    accounts = ledger.clients()
+    if len(accounts) > 1:
+        raise ConfigError(f"{ledger_path}: a server ledger must hold one account, got {sorted(accounts)}")
+    account = accounts[0] if accounts else "all-clients"
+    events = ledger.events(account) if accounts else []
+    units = {event.unit for event in events}
+    if units - {"client"}:
+        raise ConfigError(f"{ledger_path}: server ledger events must have unit 'client', got {sorted(units)}")
+    level = config["client_level"]
+    spent = bound(events, delta=level["delta"], accountant=config["accountant"]) if events else None
+    eps = spent.upper if spent else 0.0
+    rounds = sorted(ledger.rounds_completed(account)) if accounts else []
+    return {
+        "account": account,
+        "epsilon": eps,
+        "epsilon_lower": (spent.lower if spent and config["accountant"] == "prv" else (0.0 if not spent else None)),
+        "epsilon_estimate": spent.estimate if spent else 0.0,
+        "epsilon_budget": level["epsilon"],
+        "delta": level["delta"],
+        "remaining": None if level["epsilon"] is None else level["epsilon"] - eps,
+        "exceeded": level["epsilon"] is not None and eps > level["epsilon"],
+        "rounds": rounds,
+        "num_rounds": len(rounds),
+        "trust": "requires a trusted aggregator",
+    }

@@ -70,6 +70,26 @@ def _clients(sample_rate: float | None, batch_size: int | None, dataset_size: in
     return clients
 
 
+def _init_rates(clients: list[dict[str, Any]], sigma0: float | None, rate0: float | None, batch0: int | None) -> None:
+    """Attach each client's DP-initialisation sampling rate q0 (only with --init-noise-multiplier)."""
+    if sigma0 is None:
+        if rate0 is not None or batch0 is not None:
+            raise ConfigError("--init-sample-rate/--init-batch-size need --init-noise-multiplier")
+        return
+    if rate0 is not None and batch0 is not None:
+        raise ConfigError("--init-sample-rate conflicts with --init-batch-size: give one of them")
+    if rate0 is not None and not (0 < rate0 <= 1):
+        raise ConfigError(f"--init-sample-rate must be in (0, 1], got {rate0!r}")
+    if batch0 is not None:
+        if batch0 < 1:
+            raise ConfigError(f"--init-batch-size must be an integer >= 1, got {batch0!r}")
+        if any(c["dataset_size"] is None for c in clients):
+            raise ConfigError("--init-batch-size needs --dataset-size or --dataset-sizes (q0 = B0 / n)")
+    for c in clients:
+        c["init_sample_rate"] = (min(1.0, batch0 / c["dataset_size"]) if batch0 is not None
+                                 else (rate0 if rate0 is not None else 1.0))
+
+
 def _steps(steps: int | None, rounds: int | None, local_steps: int | None) -> tuple[int, int | None, int | None]:
     """Total steps T and, when given, (rounds, local steps)."""
     if steps is not None:
@@ -109,7 +129,11 @@ def plan(
     max_rounds: Annotated[bool, typer.Option(
         "--max-rounds", help="Print how many rounds fit: needs --noise-multiplier, --epsilon, --local-steps and q.")] = False,
     init_noise_multiplier: Annotated[Optional[float], typer.Option(
-        "--init-noise-multiplier", help="Add one Gaussian release with this sigma (a DP initialisation) to every client.")] = None,
+        "--init-noise-multiplier", help="Add one Gaussian release with this sigma (init: dp) to every client.")] = None,
+    init_sample_rate: Annotated[Optional[float], typer.Option(
+        "--init-sample-rate", help="Poisson rate of the DP initialisation's release, in (0, 1] (default 1: all records).")] = None,
+    init_batch_size: Annotated[Optional[int], typer.Option(
+        "--init-batch-size", help="Expected sample of the DP initialisation (init.dp_batch_size); q0 = B0 / n per client.")] = None,
     accountant: Annotated[str, typer.Option(
         "--accountant", help="prv (tight numerical bound, default) or rdp (looser, cheap).")] = "prv",
     output_format: Annotated[str, typer.Option(
@@ -119,7 +143,7 @@ def plan(
 ) -> None:
     """Plan a private run: epsilon for sigma, sigma for epsilon, or rounds for a budget."""
     from accounting import planning, rdp
-    from accounting.events import GaussianEvent, PoissonGaussianEvent
+    from accounting.events import PoissonGaussianEvent
 
     if accountant not in ACCOUNTANTS:
         raise ConfigError(f"--accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
@@ -133,6 +157,7 @@ def plan(
                         ("--init-noise-multiplier", init_noise_multiplier)):
         _positive(name, value)
     clients = _clients(sample_rate, batch_size, dataset_size, dataset_sizes)
+    _init_rates(clients, init_noise_multiplier, init_sample_rate, init_batch_size)
     sizes = [c["dataset_size"] for c in clients if c["dataset_size"] is not None]
     if sizes and delta >= 1 / min(sizes):
         raise ConfigError(f"--delta must be < 1/min(dataset size) = {1 / min(sizes):.3g}, got {delta!r}")
@@ -157,38 +182,48 @@ def plan(
         mode = "forward" if noise_multiplier is not None else "inverse"
         total_steps, rounds, local_steps = _steps(steps, rounds, local_steps)
 
-    fixed = [GaussianEvent(noise_multiplier=init_noise_multiplier)] if init_noise_multiplier is not None else []
+    def fixed_for(client: dict[str, Any]) -> list:
+        if init_noise_multiplier is None:
+            return []
+        return [PoissonGaussianEvent(noise_multiplier=init_noise_multiplier, sample_rate=client["init_sample_rate"], count=1)]
+
     acc = accountant
+    groups: dict[tuple, dict[str, Any]] = {}  # clients with the same (q, q0) share one plan
+    for client in clients:
+        groups.setdefault((client["sample_rate"], client.get("init_sample_rate")), client)
     worst_rate = max(c["sample_rate"] for c in clients)
     result: dict[str, Any] = {"mode": mode, "accountant": acc, "delta": delta, "unit": "record",
                               "init_noise_multiplier": init_noise_multiplier}
 
     if mode == "inverse":
-        sigma = planning.calibrate_noise(target_epsilon=epsilon, delta=delta, accountant=acc, fixed_events=fixed,
-                                         workloads=[(c["sample_rate"], total_steps) for c in clients])
+        sigma = max(planning.calibrate_noise(target_epsilon=epsilon, delta=delta, accountant=acc, fixed_events=fixed_for(c),
+                                             workloads=[(rate, total_steps)])
+                    for (rate, _), c in groups.items())
         result["target_epsilon"] = epsilon
     elif mode == "max_rounds":
         sigma = noise_multiplier
-        fitted = planning.max_rounds(noise_multiplier=sigma, target_epsilon=epsilon, delta=delta,
-                                     sample_rate=worst_rate, steps_per_round=local_steps,
-                                     fixed_events=fixed, accountant=acc)
+        fitted = min(planning.max_rounds(noise_multiplier=sigma, target_epsilon=epsilon, delta=delta,
+                                         sample_rate=rate, steps_per_round=local_steps,
+                                         fixed_events=fixed_for(c), accountant=acc)
+                     for (rate, _), c in groups.items())
         rounds, total_steps = fitted, fitted * local_steps
         result["target_epsilon"] = epsilon
         result["max_rounds"] = fitted
     else:
         sigma = noise_multiplier
 
-    def events_for(rate: float) -> list:
-        planned = [PoissonGaussianEvent(noise_multiplier=sigma, sample_rate=rate, count=total_steps)] if total_steps else []
-        return planned + fixed
-
-    seen: dict[float, tuple[Any, float]] = {}
-    for client in clients:
+    def events_for(client: dict[str, Any]) -> list:
         rate = client["sample_rate"]
-        if rate not in seen:
-            events = events_for(rate)
-            seen[rate] = (planning.bound(events, delta=delta, accountant=acc), rdp.epsilon(events, delta=delta))
-        bound, eps_rdp = seen[rate]
+        planned = [PoissonGaussianEvent(noise_multiplier=sigma, sample_rate=rate, count=total_steps)] if total_steps else []
+        return planned + fixed_for(client)
+
+    seen: dict[tuple, tuple[Any, float]] = {}
+    for client in clients:
+        key = (client["sample_rate"], client.get("init_sample_rate"))
+        if key not in seen:
+            events = events_for(client)
+            seen[key] = (planning.bound(events, delta=delta, accountant=acc), rdp.epsilon(events, delta=delta))
+        bound, eps_rdp = seen[key]
         client.update(_bound_fields(bound, eps_rdp, acc))
     worst = max(clients, key=lambda c: c["epsilon"])
     result.update({
@@ -196,11 +231,11 @@ def plan(
         "epsilon_estimate": worst["epsilon_estimate"], "epsilon_rdp": worst["epsilon_rdp"],
         "noise_multiplier": sigma, "sample_rate": worst["sample_rate"], "steps": total_steps,
         "rounds": rounds, "local_steps": local_steps, "worst_client": worst["client"],
-        "clients": clients,
+        "init_sample_rate": worst.get("init_sample_rate"), "clients": clients,
     })
     if plot is not None:
         _plot(plot, sigma=sigma, delta=delta, rate=worst["sample_rate"], total_steps=total_steps,
-              rounds=rounds, local_steps=local_steps, fixed=fixed, accountant=acc, target=epsilon)
+              rounds=rounds, local_steps=local_steps, fixed=fixed_for(worst), accountant=acc, target=epsilon)
         result["plot"] = str(plot)
     _print(result, output_format)
 
@@ -275,7 +310,8 @@ def _print(result: dict[str, Any], output_format: str) -> None:
         steps += f" = {result['rounds']} rounds x {result['local_steps']} local steps"
     table.add_row("steps", steps)
     if result["init_noise_multiplier"] is not None:
-        table.add_row("DP initialisation sigma", f"{result['init_noise_multiplier']:g}")
+        table.add_row("DP initialisation", f"sigma {result['init_noise_multiplier']:g}, "
+                      f"sample rate {result['init_sample_rate']:.6g} (worst client), one release")
     table.add_row("privacy unit", "record (per client, add/remove one record)")
     if "plot" in result:
         table.add_row("plot", result["plot"])

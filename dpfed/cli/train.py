@@ -40,7 +40,7 @@ def train(
     noise_multiplier: Annotated[Optional[float], typer.Option(help="σ (default: calibrated from --epsilon)")] = None,
     client_fraction: Annotated[Optional[float], typer.Option(help="fraction of clients per round")] = None,
     method: Annotated[Optional[str], typer.Option(help="federated method (fed-sb)")] = None,
-    init: Annotated[Optional[str], typer.Option(help="public | random")] = None,
+    init: Annotated[Optional[str], typer.Option(help="public | dp (DP estimate from client data, in the ledger) | random")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
     seed: Annotated[Optional[int], typer.Option(help="fix all randomness (noise included) for reproducibility")] = None,
     privacy_unit: Annotated[Optional[str], typer.Option(help="record (local DP-SGD) | client (DP-FedAvg; trusted server adds noise) | both")] = None,

@@ -130,3 +130,47 @@ def test_not_a_directory(cli, tmp_path):
     code, _, err = cli("budget", str(tmp_path / "nope"))
     assert code == 2 and "RUN_DIR must be a directory" in err
     assert not (tmp_path / "nope").exists()
+
+
+def _server_ledger(path, rounds):
+    led = Ledger(path / "server_ledger.jsonl")
+    ev = PoissonGaussianEvent(noise_multiplier=1.5, sample_rate=0.5, count=1, unit="client")
+    for r in rounds:
+        led.append(client="all-clients", round=r, event=ev)
+    return [ev] * len(rounds)
+
+
+def test_client_level_only_run(cli, tmp_path):
+    events = _server_ledger(tmp_path, [1, 2, 3, 4])
+    (tmp_path / "budget.json").write_text(json.dumps(
+        {"accountant": "prv", "client_level": {"epsilon": 5.0, "delta": 1e-3}}))
+    code, out, err = cli("budget", str(tmp_path), "--format", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert "clients" not in result  # no record-level ledger in a client-level-only run
+    level = result["client_level"]
+    expected = prv.epsilon(events, delta=1e-3).upper
+    assert level["epsilon"] == pytest.approx(expected) and 0 < expected < 5.0
+    assert level["remaining"] == pytest.approx(5.0 - expected) and level["rounds"] == [1, 2, 3, 4]
+    assert "trusted aggregator" in level["trust"]
+    code, out, err = cli("budget", str(tmp_path))
+    assert code == 0 and "client-level DP" in out and f"{expected:.4f}" in out
+
+
+def test_both_levels_reported_separately(cli, run_dir):
+    events = _server_ledger(run_dir, [1, 2])
+    data = json.loads((run_dir / "budget.json").read_text())
+    data["client_level"] = {"epsilon": None, "delta": 1e-3}
+    (run_dir / "budget.json").write_text(json.dumps(data))
+    code, out, err = cli("budget", str(run_dir), "--format", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert len(result["clients"]) == 2 and result["epsilon_budget"] == 2.0
+    assert result["client_level"]["epsilon"] == pytest.approx(prv.epsilon(events, delta=1e-3).upper)
+    assert result["client_level"]["remaining"] is None
+
+
+def test_client_level_missing_server_ledger(cli, tmp_path):
+    (tmp_path / "budget.json").write_text(json.dumps({"client_level": {"epsilon": 5.0, "delta": 1e-3}}))
+    code, _, err = cli("budget", str(tmp_path))
+    assert code == 2 and "server ledger not found" in err and len(err.strip().splitlines()) == 1

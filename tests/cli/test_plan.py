@@ -205,3 +205,34 @@ def test_inverse_speed_for_the_large_case():
     result = json.loads(proc.stdout)
     assert result["epsilon"] <= 3.0
     assert min(walls) < 3.0, walls
+
+
+def test_init_batch_size_plans_each_client_like_the_runner(cli):
+    """--init-batch-size gives each client its own q0 = B0 / n; the worst client decides σ, as in training."""
+    from accounting.planning import calibrate_noise
+
+    sizes = (400, 900)
+    result = run_json(cli, "--epsilon", "3", "--delta", "1e-5", "--batch-size", "100", "--dataset-sizes", "400,900",
+                      "--rounds", "5", "--local-steps", "4", "--init-noise-multiplier", "2",
+                      "--init-batch-size", "200")
+    expected = max(calibrate_noise(target_epsilon=3, delta=1e-5, workloads=[(100 / n, 20)],
+                                   fixed_events=[pg(2.0, min(1.0, 200 / n), 1)]) for n in sizes)
+    assert result["noise_multiplier"] == expected
+    assert [c["init_sample_rate"] for c in result["clients"]] == [0.5, 200 / 900]
+    for c, n in zip(result["clients"], sizes):
+        eps = prv.epsilon([pg(expected, 100 / n, 20), pg(2.0, 200 / n, 1)], delta=1e-5).upper
+        assert c["epsilon"] == eps <= 3.0
+    plain = run_json(cli, "--epsilon", "3", "--delta", "1e-5", "--batch-size", "100", "--dataset-sizes", "400,900",
+                     "--rounds", "5", "--local-steps", "4")
+    assert result["noise_multiplier"] > plain["noise_multiplier"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--init-sample-rate", "0.5"], "--init-sample-rate/--init-batch-size need --init-noise-multiplier"),
+    (["--init-noise-multiplier", "2", "--init-sample-rate", "1.5"], "--init-sample-rate must be in (0, 1], got 1.5"),
+    (["--init-noise-multiplier", "2", "--init-batch-size", "10"], "--init-batch-size needs --dataset-size"),
+])
+def test_init_rate_errors(cli, extra, message):
+    code, _, err = cli("plan", "--noise-multiplier", "1", "--delta", "1e-5", "--sample-rate", "0.01",
+                       "--steps", "10", *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

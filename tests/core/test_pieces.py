@@ -23,7 +23,7 @@ from dpfed.payload import FRAMING_BYTES, Manifest, PayloadError, decode, encode
     ("data", {"num_clients": 0}, "clients must be an integer >= 1, got 0"),
     ("data", {"partition": "zipf"}, "partition must be 'iid' or 'dirichlet', got 'zipf'"),
     ("train", {"client_fraction": 1.5}, "client_fraction must be in (0, 1], got 1.5"),
-    ("init", {"strategy": "pooled-private"}, "init must be 'public' or 'random', got 'pooled-private'"),
+    ("init", {"strategy": "pooled-private"}, "init must be one of ['public', 'dp', 'random'], got 'pooled-private'"),
 ])
 def test_config_rules_name_parameter_rule_and_value(section, kwargs, message):
     cls = {"privacy": C.PrivacyConfig, "model": C.ModelConfig, "data": C.DataConfig, "train": C.TrainConfig,

@@ -131,7 +131,7 @@ def test_client_level_noise_scale_and_clipping():
                       generator=torch.Generator())
 
 
-def test_both_guarantees_in_summary_and_server_ledger_matches_planning(tiny_bert_dir, tiny_csv, tmp_path):
+def test_both_guarantees_in_summary_and_server_ledger_matches_planning(tiny_bert_dir, tiny_csv, tmp_path, run_cli):
     from accounting.planning import bound
 
     cfg = cfgmod.override(_cfg(tiny_bert_dir, tiny_csv, unit="both", client_clip=0.1, client_epsilon=8.0,
@@ -148,3 +148,9 @@ def test_both_guarantees_in_summary_and_server_ledger_matches_planning(tiny_bert
                                           unit="client")], delta=1e-2)
     assert cl["epsilon"] == pytest.approx(planned.upper, rel=1e-9) and cl["epsilon"] <= 8.0
     assert (tmp_path / "r" / CHECKPOINT).is_file()
+    code, out, err = run_cli(["budget", str(tmp_path / "r"), "--format", "json"])  # both levels, separately
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["max_epsilon"] == pytest.approx(s["epsilon_spent"])
+    assert report["client_level"]["epsilon"] == pytest.approx(cl["epsilon"])
+    assert report["client_level"]["remaining"] == pytest.approx(8.0 - cl["epsilon"])
