@@ -488,6 +488,11 @@ def audit_run(
         reason = (f"epsilon_LB = {eps_lb:.3f} <= claimed epsilon = {claim['epsilon']:.3f}: no evidence against "
                   f"the claim (which is not evidence for it)")
 
+    client_level = _client_level_audit(files, final, confidence=confidence, k_fraction=k_fraction)
+    if client_level is not None and client_level["verdict"] == VERDICT_VIOLATION:
+        verdict = VERDICT_VIOLATION
+        reason += f"; client level: {client_level['verdict_reason']}"
+
     adapter_path = files.run_dir / "adapter" / "lorasb.safetensors"
     modules = [k_[: -len(".B")] for k_ in files.adapter_state if k_.endswith(".B")]
     base = base_model_identity(cfg.model.name)
@@ -517,6 +522,7 @@ def audit_run(
         "gdp_epsilon": headline["gdp"]["epsilon"] if headline else None,
         "gdp_mu_of_claim": mt.gdp_mu_from_epsilon(epsilon=claim["epsilon"], delta=delta) if claim["dp"] and delta > 0 else None,
         # identity
+        "client_level_audit": client_level,
         "run_dir": str(files.run_dir),
         "model": cfg.model.name,
         "task": task,
@@ -550,6 +556,33 @@ def audit_run(
         "limitations": _limitations(claim, one_run, ceiling, canaries.m, k, files.attack_records, attacks),
     }
     return result
+
+
+def _client_level_audit(files: RunFiles, final: dict[str, torch.Tensor], *, confidence: float,
+                        k_fraction: float) -> dict[str, Any] | None:
+    """The canary-client audit of a client-level claim, when the run planted canary clients."""
+    from attacks import client_canaries as cc
+
+    path = files.run_dir / cc.CANARY_CLIENTS_FILE
+    if not path.is_file():
+        return None
+    claim = files.summary.get("client_level") or {}
+    if claim.get("epsilon") is None:
+        raise DataError(f"{files.run_dir / 'summary.json'}: canary clients were planted but the run claims no "
+                        "client-level epsilon")
+    canaries = cc.load(path, files.initial_state)
+    out = cc.audit(canaries, theta0=files.initial_state, theta_final=final, delta=float(claim["delta"]),
+                   confidence=confidence, k_fraction=k_fraction)
+    eps_lb, eps_c = out["epsilon_lower_bound"], float(claim["epsilon"])
+    out["epsilon_claimed"] = eps_c
+    out["delta"] = float(claim["delta"])
+    if eps_lb > eps_c:
+        out["verdict"] = VERDICT_VIOLATION
+        out["verdict_reason"] = f"client-level epsilon_LB = {eps_lb:.3f} > claimed {eps_c:.3f}"
+    else:
+        out["verdict"] = VERDICT_CONSISTENT
+        out["verdict_reason"] = f"client-level epsilon_LB = {eps_lb:.3f} <= claimed {eps_c:.3f}"
+    return out
 
 
 def _limitations(claim: dict[str, Any], one_run: dict[str, Any], ceiling: float, m: int, k: int,

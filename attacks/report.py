@@ -253,6 +253,28 @@ def _md_table(rows: list[tuple[str, str]] | list[list[str]], header: list[str]) 
     return "\n".join(lines)
 
 
+def _client_level_rows(c: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        ("claim (client level)", f"epsilon {_fmt(c['epsilon_claimed'])}, delta {c['delta']:g}"),
+        ("canary clients (included)", f"{c['canary_clients']} ({c['included']})"),
+        ("guesses / correct", f"{c['guesses']} / {c['correct']}"),
+        ("epsilon lower bound (ceiling)", f"{_fmt(c['epsilon_lower_bound'])} ({_fmt(c['epsilon_lower_bound_ceiling'])})"),
+        ("mean cos included / excluded (null std)",
+         f"{_fmt(c['mean_cos_included'])} / {_fmt(c['mean_cos_excluded'])} ({_fmt(c['null_std'])})"),
+        ("Gaussian estimate: mu, epsilon (an estimate, not a bound)",
+         f"{_fmt(c['gaussian_mu_estimate'])}, {_fmt(c['epsilon_estimate'])}"),
+        ("excluded canaries vs exact null (KS p-value)", _fmt(c["null_ks_p_value"])),
+        ("verdict (client level)", f"{c['verdict']}: {c['verdict_reason']}"),
+    ]
+
+
+def _client_level_md(c: dict[str, Any] | None) -> list[str]:
+    if not c:
+        return []
+    return ["## Client-level audit (canary clients)", c["method"], "",
+            _md_table(_client_level_rows(c), ["quantity", "value"]), ""]
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     parts = [
         f"# dpfed audit: **{r['verdict']}**",
@@ -275,6 +297,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     attacks = r.get("attacks") or {}
     if attacks:
         parts += ["### Attacks", _md_table([_attack_rows(n, a) for n, a in attacks.items()], _ATTACK_HEADER), ""]
+    parts += _client_level_md(r.get("client_level_audit"))
     parts += ["## Verdict", f"**{r['verdict']}**: {r.get('verdict_reason', '')}", "",
               "## Limitations", *[f"- {t}" for t in r.get("limitations", [])], ""]
     return "\n".join(parts)
@@ -326,6 +349,9 @@ def render_html(r: dict[str, Any], figs: dict[str, str] | None = None) -> str:
         if name in figs:
             out.append(f"<figure><img alt=\"{e(name)}\" src=\"data:image/png;base64,{figs[name]}\">"
                        f"<figcaption>{e(captions[name])}</figcaption></figure>")
+    if r.get("client_level_audit"):
+        c = r["client_level_audit"]
+        out += ["<h2>Client-level audit (canary clients)</h2>", f"<p>{e(c['method'])}</p>", _html_kv(_client_level_rows(c))]
     out += [
         "<h2>Verdict</h2>",
         f"<p><span class=verdict style=\"background:{colour}\">{e(r['verdict'])}</span> {e(r.get('verdict_reason', ''))}</p>",

@@ -71,6 +71,7 @@ class DataConfig:
     max_examples: int | None = field(default=None, metadata={"help": "cap on records loaded (quick runs)"})
     canaries: int = field(default=0, metadata={"help": "audit canaries, each planted with probability 1/2 (dpfed audit)"})
     audit_holdout: int = field(default=0, metadata={"help": "records held out as attack non-members (default with canaries: min(500, 5%))"})
+    canary_clients: int = field(default=0, metadata={"help": "client-level audit: canary clients, each in the population with probability 1/2"})
 
     def __post_init__(self) -> None:
         _check(0 < self.test_fraction < 1, f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
@@ -84,6 +85,8 @@ class DataConfig:
         _pos_int("canaries", self.canaries, 0)
         _check(self.canaries == 0 or self.canaries >= 2, f"canaries must be 0 or >= 2, got {self.canaries}")
         _pos_int("audit_holdout", self.audit_holdout, 0)
+        _pos_int("canary_clients", self.canary_clients, 0)
+        _check(self.canary_clients != 1, "canary_clients must be 0 or >= 2, got 1")
 
 
 INIT_STRATEGIES = ("public", "dp", "random")
@@ -200,6 +203,9 @@ class RunConfig:
             _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
         _check(self.init.strategy != "dp" or self.train.method == "fed-sb",
                f"init 'dp' estimates LoRA-SB's B and A and applies to method fed-sb only, got method {self.train.method!r}")
+        _check(self.data.canary_clients == 0 or self.privacy.client_level,
+               "data.canary_clients audits a client-level claim: it needs privacy.unit client or both, "
+               f"got privacy.unit={self.privacy.unit!r}, privacy.enabled={self.privacy.enabled!r}")
         _check(not self.privacy.client_level or self.train.method == "fed-sb",
                f"privacy.unit client|both (DP-FedAvg) is implemented for method fed-sb only, got method {self.train.method!r}")
         _check(self.init.strategy != "dp" or self.privacy.record_level,

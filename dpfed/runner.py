@@ -426,6 +426,10 @@ def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any
         _json_dump(run_dir / "budget.json", budget_info)
     ledger = Ledger(run_dir / LEDGER)
     server_ledger = Ledger(run_dir / SERVER_LEDGER) if job.client_dp else None
+    if cfg.data.canary_clients:
+        from attacks.client_canaries import CANARY_CLIENTS_FILE, save
+
+        save(run_dir / CANARY_CLIENTS_FILE, _canary_clients(job))
     if cfg.init.strategy == "dp":
         progress("setup", {"stage": "init", "strategy": "dp"})
         job.init_info.update(_dp_init(job, ledger))
@@ -447,6 +451,14 @@ def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any
                     meta=_ckpt_meta(run_dir, ledger, server_ledger))
     return _train(job, run_dir, ledger=ledger, server_ledger=server_ledger, global_state=global_state,
                   start_round=1, seed=job.seed, eval0=eval0, progress=progress, resumed=None)
+
+
+def _canary_clients(job: Job):
+    """The client-level audit's canary clients (directions and bits from the split seed, never the noise seed)."""
+    from attacks.client_canaries import make_canary_clients
+
+    return make_canary_clients(k=job.cfg.data.canary_clients, state=trainable_state(job.model),
+                               seed=_child_seed(job.split_seed, 10))
 
 
 def _make_clients(job: Job, *, ledger, seed: int) -> list[Client]:
@@ -604,6 +616,7 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
                                         expected_clients=q_client * len(clients), generator=make_generator(0))
     else:
         aggregator = job.method
+    canary_clients = _canary_clients(job) if cfg.data.canary_clients else None
     manifest = Manifest.of(global_state)
     down_state = global_state  # what the server sends at the start of the next round (method-specific)
     agg_errors: list[float] = []
@@ -655,6 +668,14 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
             bytes_down.append(len(down))
             results.append(res)
         states, sizes = [r.state for r in results], [r.num_examples for r in results]
+        if canary_clients is not None:  # client-level audit: included canaries, Poisson-sampled like every client
+            from attacks.client_canaries import canary_state
+
+            cgen = np.random.default_rng(_child_seed(seed, 12, rnd))
+            for k, inside in enumerate(canary_clients.included):
+                if cgen.random() < q_client and inside:
+                    states.append(canary_state(global_state, canary_clients, k, clip=cfg.privacy.client_clip))
+                    sizes.append(1)
         if job.client_dp:
             global_state = down_state = aggregator.aggregate(states, sizes, global_state=global_state)
             # write-ahead: the server's event is durable before the noised state is released
