@@ -14,11 +14,12 @@ export HF_DATASETS_OFFLINE := 1
 
 .PHONY: install demo test test-slow bench clean
 
+# The flower extra installs flwr: tests/flower start real SuperLinks and SuperNodes on loopback.
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,flower]"
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $@
 

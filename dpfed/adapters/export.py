@@ -99,6 +99,8 @@ def export_lora(model: nn.Module, layers: dict[str, nn.Module], out_dir: Path, *
     r = first.r[ADAPTER]
     alpha = first.lora_alpha[ADAPTER]
     base = unwrap(model)
+    if hasattr(base, "peft_config"):  # left by inject_adapter_in_model; the export builds a fresh PEFT model
+        del base.peft_config
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(layers), bias="none",
                      modules_to_save=["head"] if isinstance(model, SequenceClassifier) else None)
     deltas = {}

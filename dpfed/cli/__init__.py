@@ -32,6 +32,10 @@ def _register() -> None:
     app.command("comm")(comm.comm)
     app.command("audit")(audit.audit)
     app.command("compare")(compare.compare)
+    # flwr is an optional extra: this module imports it only inside the command
+    from dpfed.cli import flower_local
+
+    app.command("flower-local")(flower_local.flower_local)
 
 
 def main(argv: list[str] | None = None) -> None:

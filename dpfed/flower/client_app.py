@@ -1,0 +1,139 @@
+"""The Flower ``ClientApp``: a site's handshake (``query``) and its training step (``train``).
+
+``train`` runs :meth:`dpfed.client.Client.fit` on the site's own data: the budget check
+against the site's own ledger and budget (its node config, whatever the server asks), K
+DP-SGD steps on R, the round's events appended and fsynced to the site's ledger, and only
+then the reply (the payload and its metrics). A refusal (budget, a config the site will not
+accept) is a reply with a ``refusal`` record, never a payload.
+
+Flower starts a fresh process for every message, so the site rebuilds its client each
+round; the frozen factors it received in the handshake stay in its Flower context.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from dpfed.flower import records as rec
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+def _settings(context: Context):
+    from dpfed.flower.settings import SiteSettings
+
+    return SiteSettings.from_node_config(context.node_config)
+
+
+def _server_config(run: rec.RunMessage):
+    import yaml
+
+    from dpfed import config as cfgmod
+    from dpfed.flower.settings import check_supported
+
+    cfg = cfgmod.from_dict(yaml.safe_load(run.cfg_yaml))
+    check_supported(cfg)
+    return cfg
+
+
+def _spent(ledger, site_id: str, delta: float | None) -> float | None:
+    """The site's ε so far from its own ledger (PRV upper bound); None without DP."""
+    from accounting.prv import epsilon
+
+    if delta is None:
+        return None
+    events = ledger.events(site_id)
+    return epsilon(events, delta=delta).upper if events else 0.0
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Handshake: keep the frozen factors, announce the site's id, size, budget and what it has spent."""
+    from accounting.errors import AccountingError
+    from accounting.ledger import Ledger
+    from dpfed.errors import DpfedError
+    from dpfed.flower.site import site_config, site_records
+
+    site_id, server_round = "?", 0
+    try:
+        settings = _settings(context)
+        site_id = settings.site_id
+        run = rec.parse_run_record(msg.content.config_records[rec.CONFIG])
+        server_round = run.server_round
+        cfg = site_config(_server_config(run), settings)
+        frozen = msg.content.array_records[rec.FROZEN]
+        if rec.digest(rec.from_record(frozen)) != run.frozen_sha256:
+            raise DpfedError("frozen factors must match their announced sha256 (corrupted in transit?)")
+        context.state[rec.STATE_KEY] = frozen
+        records = site_records(cfg, settings, split_seed=run.split_seed, label_names=run.label_names)
+        ledger = Ledger(settings.ledger)
+        delta = cfg.privacy.delta if cfg.privacy.record_level else None
+        info = {"site-id": settings.site_id, "num-examples": len(records), "own-budget": settings.epsilon is not None}
+        metrics = {"num-examples": len(records)}
+        if delta is not None:
+            metrics.update({"epsilon-budget": cfg.privacy.epsilon, "delta": delta,
+                            "epsilon-spent": _spent(ledger, settings.site_id, delta)})
+    except (DpfedError, AccountingError, KeyError) as exc:
+        log.warning("site %s refuses the handshake: %s", site_id, exc)
+        return Message(rec.refusal(str(exc), site_id=site_id, server_round=server_round), reply_to=msg)
+    if settings.epsilon is None and cfg.privacy.record_level:
+        log.warning("site %s has no epsilon in its node config: it enforces the server's budget %g",
+                    settings.site_id, cfg.privacy.epsilon)
+    return Message(RecordDict({rec.SITE: ConfigRecord(info), rec.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round: build the site's client, ``Client.fit`` (ledger first), reply with the payload."""
+    from accounting.errors import AccountingError
+    from accounting.events import event_to_dict
+    from accounting.ledger import Ledger
+    from dpfed.errors import DpfedError
+    from dpfed.flower.site import build_site
+
+    site_id, server_round = "?", 0
+    try:
+        settings = _settings(context)
+        site_id = settings.site_id
+        run = rec.parse_run_record(msg.content.config_records[rec.CONFIG])
+        server_round = run.server_round
+        cfg = _server_config(run)
+        if rec.STATE_KEY not in context.state:
+            raise DpfedError("this site holds no frozen factors for the run (no handshake); it needs a new handshake")
+        frozen = rec.from_record(context.state.array_records[rec.STATE_KEY])
+        if rec.digest(frozen) != run.frozen_sha256:
+            raise DpfedError("frozen factors announced by the server differ from the ones this site received")
+        global_state = rec.from_record(msg.content.array_records[rec.ARRAYS])
+        ledger = Ledger(settings.ledger)
+        site = build_site(cfg, settings, split_seed=run.split_seed, label_names=run.label_names, frozen=frozen,
+                          noise_multiplier=run.noise_multiplier, round=server_round, ledger=ledger)
+        _check_global(site, global_state)
+        result = site.client.fit(site.model, global_state, round=server_round)  # budget check, K steps, ledger
+    except (DpfedError, AccountingError, KeyError) as exc:
+        log.warning("site %s refuses round %d: %s", site_id, server_round, exc)
+        return Message(rec.refusal(str(exc), site_id=site_id, server_round=server_round), reply_to=msg)
+    delta = site.cfg.privacy.delta if site.client.dp is not None else None
+    content = rec.reply_record(state=result.state, site_id=settings.site_id, server_round=server_round,
+                               num_examples=result.num_examples, events=[event_to_dict(e) for e in result.events],
+                               train_loss=result.mean_loss, sampled=result.sampled, steps=result.steps,
+                               epsilon_spent=_spent(ledger, settings.site_id, delta))
+    return Message(content, reply_to=msg)
+
+
+def _check_global(site, state) -> None:
+    """The server's global state must fit this model and be finite (a site checks what it receives)."""
+    import torch
+
+    from dpfed.adapters.lorasb import trainable_state
+    from dpfed.errors import DpfedError
+
+    own = trainable_state(site.model)
+    if set(own) != set(state) or any(tuple(own[k].shape) != tuple(state[k].shape) for k in own):
+        raise DpfedError("the server's global state must match this site's trainable parameters (names and shapes)")
+    if not all(torch.isfinite(v).all() for v in state.values()):
+        raise DpfedError("the server's global state must be finite, got NaN or inf")

@@ -1,0 +1,141 @@
+"""One site of a Flower run: its records, its copy of the model, and the :class:`~dpfed.client.Client`.
+
+The site builds what :func:`dpfed.runner.prepare` builds for one client, from the same
+functions, but only for its own data: the demo partition (``partition-id``: the run's split,
+from the split seed the server sends) or its own file (``data-path``). The frozen factors
+B, A and the global state come from the server; the data, the ledger, the budget and the
+noise generator stay with the site. Nothing here imports ``flwr``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpfed.client import Budget, Client, LocalTraining
+from dpfed.config import RunConfig
+from dpfed.data import Records, load_records, load_tokenizer, split_and_partition, tokenize
+from dpfed.errors import ConfigError, DataError
+from dpfed.flower.settings import SiteSettings
+from dpfed.privacy import DPSGDParams, make_generator, new_seed
+
+log = logging.getLogger(__name__)
+
+
+def site_config(cfg: RunConfig, settings: SiteSettings) -> RunConfig:
+    """The server's run config with what the site decides for itself (model path, device, budget)."""
+    from dpfed import config as cfgmod
+
+    return cfgmod.override(cfg, **{"model.name": settings.model, "device": settings.device,
+                                   "privacy.epsilon": settings.epsilon if cfg.privacy.enabled else None,
+                                   "privacy.delta": settings.delta if cfg.privacy.enabled else None})
+
+
+def site_records(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label_names: tuple[str, ...]) -> Records:
+    """The site's training records, labels indexed like the server's ``label_names``."""
+    if settings.partition_id is not None:
+        if settings.num_partitions != cfg.data.num_clients:
+            raise ConfigError(f"num-partitions must equal the run's data.num_clients = {cfg.data.num_clients}, "
+                              f"got {settings.num_partitions}")
+        records = load_records(cfg.data, task=cfg.model.task)
+        # the same split as dpfed.runner.prepare (no audit hold-out: check_supported refuses canaries)
+        shard = split_and_partition(records, cfg.data, seed=split_seed).clients[settings.partition_id]
+    else:
+        data = dataclasses.replace(cfg.data, source=settings.data_path)
+        shard = load_records(data, task=cfg.model.task)
+    if shard.labels is None:
+        return shard
+    if shard.label_names == label_names:
+        return shard
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted(set(shard.label_names) - set(index))
+    if unknown:
+        raise DataError(f"label_column values must be among the run's labels {list(label_names)}, "
+                        f"got {unknown[:3]} in {settings.data_path or 'the partition'}")
+    labels = tuple(index[shard.label_names[y]] for y in shard.labels)
+    return Records(shard.texts, labels, label_names)
+
+
+@dataclass
+class Site:
+    """The site's model (with the server's frozen factors installed), method and client."""
+
+    model: nn.Module
+    method: Any  # dpfed.methods.FedSBMethod
+    client: Client
+    cfg: RunConfig
+
+
+def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label_names: tuple[str, ...],
+               frozen: dict[str, torch.Tensor], noise_multiplier: float | None, round: int,  # noqa: A002
+               ledger) -> Site:
+    """Build the site's client for ``round`` (per-round generators, as in :func:`dpfed.runner._train`).
+
+    ``cfg`` is the server's config; :func:`site_config` applies the site's own choices.
+    Sampling and noise generators derive from the site's seed like the in-process runner's
+    from the run seed: ``seed → (3, index, round)`` and ``(4, index, round)``.
+    """
+    from dpfed.methods import FedSBMethod
+    from dpfed.model import DEFAULT_TARGETS, SequenceClassifier, inject_lorasb, load_base, model_family, resolve_model_path, select_targets
+    from dpfed.runner import _child_seed, _enable_prefix_cache, resolve_device
+
+    cfg = site_config(cfg, settings)
+    device = resolve_device(cfg.device)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    records = site_records(cfg, settings, split_seed=split_seed, label_names=label_names)
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.name))
+    shard = tokenize(records, tokenizer, max_length=cfg.model.max_length)
+    if len(shard) == 0:
+        raise DataError(f"site {settings.site_id} must hold at least one record, got 0")
+    model = load_base(cfg.model.name, task=cfg.model.task, num_labels=max(len(label_names), 2))
+    targets = cfg.model.target_modules or DEFAULT_TARGETS[model_family(getattr(model.config, "model_type", ""))]
+    names = select_targets(model, tuple(targets), cfg.model.adapt_layers)
+    adapters = inject_lorasb(model, names, rank=cfg.model.rank)
+    model.to(device)
+    method = FedSBMethod(model, adapters, weighting=cfg.train.weighting)
+    _install_frozen(method, frozen)
+    if cfg.model.prefix_cache and isinstance(model, SequenceClassifier):
+        _enable_prefix_cache(model, names, [shard], device)
+    dp = None
+    budget = None
+    if cfg.privacy.record_level:
+        if cfg.privacy.delta >= 1.0 / len(shard):
+            raise ConfigError(f"delta must be < 1/n = {1.0 / len(shard):.3g} (site {settings.site_id} holds "
+                              f"{len(shard)} records), got {cfg.privacy.delta:g}")
+        if cfg.train.batch_size > len(shard):
+            raise ConfigError(f"batch_size must be <= the site's {len(shard)} records, got {cfg.train.batch_size}")
+        sigma = settings.noise_multiplier if settings.noise_multiplier is not None else noise_multiplier
+        if sigma is None:
+            raise ConfigError("noise_multiplier must come from the server or the node config, got neither")
+        dp = DPSGDParams(noise_multiplier=sigma, clip=cfg.privacy.clip, expected_batch_size=cfg.train.batch_size)
+        budget = Budget(cfg.privacy.epsilon, cfg.privacy.delta)
+    elif settings.epsilon is not None:
+        raise ConfigError(f"privacy.enabled must be true for site {settings.site_id}, which sets its own epsilon "
+                          f"{settings.epsilon:g}; the server asked for a run without record-level DP")
+    seed = settings.seed if settings.seed is not None else new_seed()
+    training = LocalTraining(local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
+                             optimizer=cfg.train.optimizer, momentum=cfg.train.momentum, task=cfg.model.task)
+    client = Client(client_id=settings.site_id, shard=shard, training=training, dp=dp,
+                    sample_generator=make_generator(_child_seed(seed, 3, settings.index, round)),
+                    noise_generator=make_generator(_child_seed(seed, 4, settings.index, round), device) if dp else None,
+                    ledger=ledger, budget=budget, device=device, autocast_dtype=autocast_dtype)
+    return Site(model, method, client, cfg)
+
+
+def _install_frozen(method, frozen: dict[str, torch.Tensor]) -> None:
+    """Install the server's B and A after checking names and shapes against this model."""
+    expected = {k: tuple(v.shape) for k, v in method.frozen_state().items()}
+    if set(frozen) != set(expected):
+        missing, extra = sorted(set(expected) - set(frozen))[:3], sorted(set(frozen) - set(expected))[:3]
+        raise ConfigError(f"frozen factors must match this site's adapters: missing {missing}, unexpected {extra}")
+    for k, shape in expected.items():
+        if tuple(frozen[k].shape) != shape:
+            raise ConfigError(f"frozen factor {k} must have shape {shape}, got {tuple(frozen[k].shape)}")
+        if not torch.isfinite(frozen[k]).all():
+            raise ConfigError(f"frozen factor {k} must be finite, got NaN or inf")
+    method.load_frozen_state(frozen)

@@ -1,0 +1,260 @@
+"""Real Flower deployments on loopback: a SuperLink and SuperNodes as processes (no Ray, no simulation).
+
+Equivalence with ``dpfed train`` (same global R after each round, same ledgers), a site killed
+during a round, TLS with SuperNode authentication, and the ``dpfed flower-local`` command with
+Ctrl-C. Every test checks that no process it started is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="the flower extra is not installed (pip install '.[flower]')")
+pytestmark = pytest.mark.flower
+
+from accounting.ledger import Ledger  # noqa: E402
+from dpfed.flower.local import LocalDeployment, shim_app, write_toml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def _alive(pids) -> list[int]:
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _nodes(out: Path, sites: int, **extra) -> list[dict]:
+    return [{"partition-id": i, "num-partitions": sites, "ledger": str(out / "sites" / f"client-{i:03d}" / "ledger.jsonl"),
+             "epsilon": 3.0, "delta": 1e-4, "seed": 0, **extra} for i in range(sites)]
+
+
+def _deploy(out: Path, cfg_path: Path, *, sites: int = 3, app_dir: Path | None = None, round_timeout: float = 300.0,
+            during=None, timeout: float = 600.0) -> str:
+    """Run the app on a fresh loopback deployment; return the final status; assert nothing is left running."""
+    work = out / "flower"
+    work.mkdir(parents=True)
+    run_config = write_toml(work / "run-config.toml", {"config": str(cfg_path), "out-dir": str(out), "sites": sites,
+                                                       "min-sites": 1, "round-timeout": round_timeout})
+    seen: set[int] = set()
+    with LocalDeployment(work, node_configs=_nodes(out, sites), env=ENV) as dep:
+        run_id = dep.submit(app_dir or shim_app(work / "app"), run_config)
+
+        def poll():
+            seen.update(dep.pids())
+            if during is not None:
+                during(dep, out)
+
+        status = dep.wait(run_id, timeout=timeout, on_poll=poll,
+                          done=lambda: (out / "summary.json").is_file() or (out / "error.txt").is_file())
+        seen.update(dep.pids())
+    assert len(seen) >= 1 + 2 * sites  # SuperLink, its SuperExec, SuperNodes and theirs
+    assert _alive(seen) == [], "processes left behind"
+    return status
+
+
+def _records(ledger: Ledger, client: str) -> list[tuple[int, object]]:
+    return [(r.round, r.event) for r in ledger.records() if r.client == client]
+
+
+def test_flower_run_equals_in_process_run(flower_cfg_path, tmp_path):
+    """Same seed, partition and config: the same global R after each round and the same ledgers.
+
+    The app is submitted from the repository itself (``flwr run .``: the FAB carries dpfed).
+    """
+    from safetensors.torch import load_file
+
+    from dpfed import config as cfgmod
+    from dpfed.runner import load_checkpoint, prepare, run
+
+    out = tmp_path / "flower-run"
+    t0 = time.monotonic()
+    assert _deploy(out, flower_cfg_path, app_dir=REPO) == "finished:completed"
+    flower_seconds = time.monotonic() - t0
+    ref = tmp_path / "in-process"
+    after_round = {}
+
+    def progress(kind, info):
+        if kind == "round":
+            after_round[info["round"]] = load_checkpoint(ref)[1]
+
+    expected = run(prepare(cfgmod.load(flower_cfg_path)), ref, progress=progress)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["stop_reason"] == "completed"
+    assert summary["flower"]["replies_rejected"] == summary["flower"]["sites_failed"] == 0
+    for rnd in (1, 2):
+        got = load_file(str(out / "rounds" / f"round-{rnd:03d}.safetensors"))
+        want = after_round[rnd]
+        assert set(got) == set(want) and any(k.endswith(".R") for k in got)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    in_process, reported = Ledger(ref / "ledger.jsonl"), Ledger(out / "ledger.jsonl")
+    for i in range(3):
+        cid = f"client-{i:03d}"
+        site = Ledger(out / "sites" / cid / "ledger.jsonl")
+        assert site.clients() == [cid]
+        assert _records(site, cid) == _records(in_process, cid) == _records(reported, cid)
+        assert [r for r, _ in _records(site, cid)] == [1, 2]
+    assert summary["epsilon_per_client"] == pytest.approx(expected["epsilon_per_client"], rel=1e-12)
+    assert summary["noise_multiplier"] == expected["noise_multiplier"]
+    for a, b in zip(*(([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]) for d in (ref, out))):
+        assert (a["round"], a["clients"], a["bytes_up"]) == (b["round"], b["clients"], b["bytes_up"])
+        assert a["accuracy"] == pytest.approx(b["accuracy"]) and a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-6)
+    for f in ("config.yaml", "budget.json", "run.json", "initial_state.safetensors", "checkpoint.safetensors",
+              "checkpoint.json", "adapter/lorasb.safetensors"):
+        assert (out / f).is_file(), f
+    assert flower_seconds < 300
+
+
+def test_site_killed_during_a_round(flower_cfg_path, tmp_path):
+    """SuperNode 2 dies while it works on round 2: the round completes with the other two sites,
+    and the dead site's ledger still shows what it spent (round 1, and round 2 if it got that far)."""
+    state = {"killed_at": None}
+
+    def kill_in_round_two(dep, out):
+        if state["killed_at"] is not None or not (out / "metrics.jsonl").is_file():
+            return
+        import psutil
+
+        def is_clientapp(p):
+            try:
+                return "flwr-clientapp" in " ".join(p.cmdline())
+            except psutil.Error:  # exited (or a zombie) meanwhile
+                return False
+
+        node = dep.supernodes[2]
+        kids = [p for p in psutil.Process(node.popen.pid).children(recursive=True) if is_clientapp(p)]
+        state.setdefault("waited", time.monotonic())
+        if kids or time.monotonic() - state["waited"] > 20:  # mid-round if its ClientApp runs, else between rounds
+            dep.kill_site(2)
+            state["killed_at"] = "round 2 (ClientApp running)" if kids else "before its round-2 ClientApp started"
+
+    out = tmp_path / "run"
+    assert _deploy(out, flower_cfg_path, round_timeout=150.0, during=kill_in_round_two) == "finished:completed"
+    assert state["killed_at"] is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["stop_reason"] == "completed"
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["clients"] == ["client-000", "client-001", "client-002"]
+    assert lines[1]["clients"] == ["client-000", "client-001"]
+    assert [f["site"] for f in lines[1]["sites_failed"]] == ["client-002"]
+    assert summary["flower"]["sites_failed"] == 1 and summary["flower"]["replies_rejected"] == 0
+    dead = Ledger(out / "sites" / "client-002" / "ledger.jsonl")
+    reported = Ledger(out / "ledger.jsonl")
+    assert 1 in dead.rounds_completed("client-002")
+    assert reported.rounds_completed("client-002") == {1}
+    # whatever the server counted, the site recorded first (write-ahead)
+    assert all(rec in _records(dead, "client-002") for rec in _records(reported, "client-002"))
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, **ENV}
+    return subprocess.Popen([sys.executable, "-m", "dpfed.cli", "flower-local", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO), start_new_session=True, **kw)
+
+
+def _strays(out: Path) -> list[int]:
+    """Processes of a deployment under ``out``: by command line or by their FLWR_HOME."""
+    import psutil
+
+    home = str(out / "flower" / "flwr-home")
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
+                continue
+            if str(out) in " ".join(p.info["cmdline"] or []) or p.environ().get("FLWR_HOME") == home:
+                found.append(p.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_cli_with_tls_and_supernode_auth(flower_cfg_path, tmp_path):
+    """``dpfed flower-local --tls``: the SuperLink serves TLS and admits only registered SuperNode keys."""
+    out = tmp_path / "tls-run"
+    proc = _cli(["--config", str(flower_cfg_path), "--sites", "2", "--rounds", "1", "--tls", "--out", str(out),
+                 "--format", "json"])
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-2000:]
+    summary = json.loads(stdout)
+    assert summary["rounds_completed"] == 1 and summary["clients"] == 2 and summary["epsilon_spent"] <= 3.0
+    logs = out / "flower" / "logs"
+    assert "https://127.0.0.1" in (logs / "superlink.log").read_text()
+    assert (logs / "serverapp.log").stat().st_size > 0  # the ServerApp's output, as `flwr log` returns it
+    for i in range(2):
+        assert Ledger(out / "sites" / f"client-{i:03d}" / "ledger.jsonl").rounds_completed(f"client-{i:03d}") == {1}
+    assert _strays(out) == []
+
+
+def test_tls_superlink_refuses_unregistered_and_insecure_supernodes(tmp_path):
+    from dpfed.flower.certs import make_node_key
+
+    with LocalDeployment(tmp_path / "w", node_configs=[{"partition-id": 0, "num-partitions": 1}], tls=True, env=ENV) as dep:
+        key, _ = make_node_key(tmp_path, "stranger")
+        env = {**os.environ, "FLWR_HOME": str(dep.home), "PATH": f"{dep.bin}{os.pathsep}{os.environ['PATH']}"}
+        base = [str(dep.bin / "flower-supernode"), "--superlink", f"127.0.0.1:{dep.port}", "--max-retries", "1",
+                "--node-config", "partition-id=0 num-partitions=1"]
+        from dpfed.flower.local import free_port
+
+        for n, extra in enumerate((["--root-certificates", str(dep.tls_files.ca_cert), "--auth-supernode-private-key",
+                                    str(key)], ["--insecure"])):
+            log = tmp_path / f"stranger-{n}.log"
+            with open(log, "wb") as fh:  # a file, not a pipe: the SuperNode's helper would hold a pipe open
+                node = subprocess.Popen([*base, "--port", str(free_port()), *extra], env=env, stdout=fh,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                code = node.wait(timeout=120)
+            finally:
+                try:
+                    os.killpg(node.pid, signal.SIGKILL)  # its helper processes, if any
+                except ProcessLookupError:
+                    pass
+                node.wait()
+            assert code != 0
+            assert "could not establish a connection" in log.read_text().lower()
+        seen = dep.pids()
+    assert _alive(seen) == []
+
+
+def test_cli_ctrl_c_shuts_everything_down(flower_cfg_path, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = _cli(["--config", str(flower_cfg_path), "--sites", "2", "--rounds", "2", "--out", str(out)])
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (out / "config.yaml").is_file():  # the server is up and ran prepare
+            time.sleep(0.5)
+        assert (out / "config.yaml").is_file(), "the run did not start"
+        running = _strays(out)
+        assert running
+        os.kill(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in stderr and "interrupted: the SuperLink" in stderr
+    time.sleep(1)
+    assert _alive(running) == [] and _strays(out) == []
