@@ -721,11 +721,27 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
             "rounds_released": len(server_ledger.events(SERVER_ID)), "accountant": "prv (upper bound)",
             "ledger": SERVER_LEDGER, "trust": CLIENT_TRUST,
         }
+    summary = build_summary(job, eps_clients=eps_clients, sample_rates={c.client_id: c.sample_rate for c in clients},
+                            client_sizes={c.client_id: c.num_examples for c in clients}, clients_per_round=per_round,
+                            rounds_done=rounds_done, stop_reason=stop_reason, resumed=resumed, eval0=eval0,
+                            last_eval=last_eval, bytes_up=bytes_up, bytes_down=bytes_down, agg_errors=agg_errors,
+                            trainable=trainable, t_start=t_start, client_level=client_level)
+    _json_dump(run_dir / "summary.json", summary)
+    return summary
+
+
+def build_summary(job: Job, *, eps_clients: dict[str, Any], sample_rates: dict[str, float], client_sizes: dict[str, int],
+                  clients_per_round: int, rounds_done: int, stop_reason: str, resumed: dict[str, Any] | None,
+                  eval0: dict[str, float], last_eval: dict[str, float], bytes_up: list[int], bytes_down: list[int],
+                  agg_errors: list[float], trainable: int, t_start: float,
+                  client_level: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``summary.json`` of a finished run (the in-process runner and the Flower server write the same keys)."""
+    cfg = job.cfg
     record_label = "record-level DP per client (local DP-SGD)"
     privacy = ("none (--no-dp): no privacy guarantee" if not cfg.privacy.enabled else
                {"record": record_label, "client": "client-level DP only (DP-FedAvg, trusted server)",
                 "both": record_label + " and, separately, client-level DP (DP-FedAvg, trusted server)"}[cfg.privacy.unit])
-    summary = {
+    return {
         "method": cfg.train.method,
         "privacy": privacy,
         "privacy_unit": cfg.privacy.unit if cfg.privacy.enabled else None,
@@ -737,16 +753,16 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
         "noise_multiplier": job.noise_multiplier,
         "clip": cfg.privacy.clip if job.dp else None,
         "client_level": client_level,
-        "sample_rates": {c.client_id: c.sample_rate for c in clients},
+        "sample_rates": sample_rates,
         "rounds_planned": cfg.train.rounds,
         "rounds_completed": rounds_done,
         "stop_reason": stop_reason,
         "resumed": resumed,
         "local_steps": cfg.train.local_steps,
         "batch_size": cfg.train.batch_size,
-        "clients": len(clients),
-        "clients_per_round": per_round,
-        "client_sizes": {c.client_id: c.num_examples for c in clients},
+        "clients": len(client_sizes),
+        "clients_per_round": clients_per_round,
+        "client_sizes": client_sizes,
         "init": cfg.init.strategy if cfg.train.method == "fed-sb" else "peft-default (A Kaiming-uniform, B = 0)",
         "noise": "enabled" if job.noise_enabled else "DISABLED (noise-amplification twin: no privacy guarantee)",
         "init_info": job.init_info,
@@ -766,12 +782,10 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
         "rank": cfg.model.rank,
         "wall_seconds": time.time() - t_start,
         "setup_seconds": job.setup_seconds,
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "device": str(job.device) + (f" ({torch.cuda.get_device_name(job.device)})" if job.device.type == "cuda" else ""),
         "seed": job.seed if job.seed_is_user else "os-entropy (not recorded)",
         "data_fingerprints": {"test": job.splits.test.fingerprint(), "public": job.splits.public.fingerprint()},
     }
-    _json_dump(run_dir / "summary.json", summary)
-    return summary
 
 
 def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:

@@ -167,7 +167,7 @@ def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handsha
     from dpfed import config as cfgmod
     from dpfed.adapters.lorasb import load_trainable_state
     from dpfed.payload import KIND_DOWN, KIND_UP, encode
-    from dpfed.runner import (LEDGER, RUN_JSON, _ckpt_meta, _json_dump, _sha256, evaluate, save_checkpoint,
+    from dpfed.runner import (LEDGER, RUN_JSON, _ckpt_meta, _json_dump, _sha256, build_summary, evaluate, save_checkpoint,
                               save_state)
 
     cfg = job.cfg
@@ -245,49 +245,14 @@ def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handsha
     eps = {c: prv_epsilon(ledger.events(c), delta=cfg.privacy.delta) for c in ledger.clients()} if job.dp else {}
     trainable = sum(v.numel() for v in global_state.values())
     sites = strategy.sites()
-    summary = {
-        "method": cfg.train.method,
-        "privacy": "record-level DP per client (local DP-SGD)" if job.dp else "none (--no-dp): no privacy guarantee",
-        "privacy_unit": "record" if job.dp else None,
-        "epsilon_target": cfg.privacy.epsilon if job.dp else None,
-        "delta": cfg.privacy.delta if job.dp else None,
-        "epsilon_spent": max(e.upper for e in eps.values()) if eps else None,
-        "epsilon_per_client": {k: e.upper for k, e in eps.items()},
-        "accountant": "prv (upper bound)" if job.dp else None,
-        "noise_multiplier": job.noise_multiplier,
-        "clip": cfg.privacy.clip if job.dp else None,
-        "client_level": None,
-        "sample_rates": {s.site_id: min(1.0, cfg.train.batch_size / s.num_examples) for s in sites},
-        "rounds_planned": cfg.train.rounds,
-        "rounds_completed": rounds_done,
-        "stop_reason": stop_reason,
-        "resumed": None,
-        "local_steps": cfg.train.local_steps,
-        "batch_size": cfg.train.batch_size,
-        "clients": len(sites),
-        "clients_per_round": max(1, int(math.ceil(cfg.train.client_fraction * len(sites)))),
-        "client_sizes": {s.site_id: s.num_examples for s in sites},
-        "init": cfg.init.strategy,
-        "noise": "enabled",
-        "init_info": job.init_info,
-        "initial_eval": eval0,
-        "accuracy": last_eval.get("accuracy"),
-        "eval_loss": last_eval["eval_loss"],
-        "test_examples": len(job.test),
-        "bytes_up_per_client_round": int(np.mean(bytes_up)) if bytes_up else 0,
-        "bytes_down_per_client_round": int(np.mean(bytes_down)) if bytes_down else 0,
-        "payload_values": trainable,
-        "payload_formula": job.method.payload_formula(trainable),
-        "aggregation_error": agg_errors[-1] if agg_errors else None,
-        "aggregation_error_max": max(agg_errors) if agg_errors else None,
-        "trainable_params": trainable,
-        "adapted_layers": len(job.adapters),
-        "rank": cfg.model.rank,
-        "wall_seconds": time.time() - t_start,
-        "setup_seconds": job.setup_seconds,
-        "device": str(job.device),
-        "seed": job.seed if job.seed_is_user else "os-entropy (not recorded)",
-        "data_fingerprints": {"test": job.splits.test.fingerprint(), "public": job.splits.public.fingerprint()},
+    summary = build_summary(job, eps_clients=eps, client_level=None,
+                            sample_rates={s.site_id: min(1.0, cfg.train.batch_size / s.num_examples) for s in sites},
+                            client_sizes={s.site_id: s.num_examples for s in sites},
+                            clients_per_round=max(1, int(math.ceil(cfg.train.client_fraction * len(sites)))),
+                            rounds_done=rounds_done, stop_reason=stop_reason, resumed=None, eval0=eval0,
+                            last_eval=last_eval, bytes_up=bytes_up, bytes_down=bytes_down, agg_errors=agg_errors,
+                            trainable=trainable, t_start=t_start)
+    summary.update({
         "flower": {
             "sites": sorted(seen_sites), "min_sites": settings.min_sites, "round_timeout": settings.round_timeout,
             "replies_rejected": strategy.totals["rejected"], "sites_refused": strategy.totals["refused"],
@@ -295,7 +260,7 @@ def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handsha
             "ledgers": "each site keeps its own ledger (node config 'ledger'); ledger.jsonl here holds the events "
                        "the sites reported with their accepted replies",
         },
-    }
+    })
     _json_dump(run_dir / "summary.json", summary)
     return summary
 
