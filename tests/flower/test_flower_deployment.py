@@ -241,7 +241,8 @@ def test_tls_superlink_refuses_unregistered_and_insecure_supernodes(tmp_path):
 
 def test_cli_ctrl_c_shuts_everything_down(flower_cfg_path, tmp_path):
     out = tmp_path / "interrupted"
-    proc = _cli(["--config", str(flower_cfg_path), "--sites", "2", "--rounds", "2", "--out", str(out)])
+    # many rounds: the run must still be going when SIGINT arrives (two tiny rounds can finish first)
+    proc = _cli(["--config", str(flower_cfg_path), "--sites", "2", "--rounds", "200", "--out", str(out)])
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and not (out / "config.yaml").is_file():  # the server is up and ran prepare
