@@ -164,10 +164,18 @@ def test_site_killed_during_a_round(flower_cfg_path, tmp_path):
     assert all(rec in _records(dead, "client-002") for rec in _records(reported, "client-002"))
 
 
+def _interruptible() -> None:
+    # A test runner started in the background by a non-interactive shell inherits SIGINT = ignored,
+    # and Python then installs no KeyboardInterrupt handler; a user's terminal delivers Ctrl-C to a
+    # process whose SIGINT is at its default, which is what the CLI under test must handle.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(args: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, **ENV}
     return subprocess.Popen([sys.executable, "-m", "dpfed.cli", "flower-local", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO), start_new_session=True, **kw)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO), start_new_session=True,
+                            preexec_fn=_interruptible, **kw)
 
 
 def _strays(out: Path) -> list[int]:
