@@ -264,6 +264,11 @@ def test_cli_ctrl_c_shuts_everything_down(flower_cfg_path, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            for pid in _strays(out):  # the deployment runs in its own sessions: never leave it behind
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
     assert proc.returncode == 130 and "Traceback" not in stderr and "interrupted: the SuperLink" in stderr
     time.sleep(1)
     assert _alive(running) == [] and _strays(out) == []
