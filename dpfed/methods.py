@@ -124,7 +124,7 @@ class LoRAMethod:
         from dpfed.adapters.lora import factors, scaling
 
         out = {}
-        for i, (name, layer) in enumerate(self.layers.items()):
+        for name, layer in self.layers.items():
             b_key, a_key = self._keys[name]
             frozen_a = factors(layer)[1].detach() if self.name == "ffa-lora" else None
             out[name] = LoRALayerKeys(b=b_key, a=a_key, scaling=scaling(layer), frozen_a=frozen_a)
@@ -133,19 +133,22 @@ class LoRAMethod:
     def aggregate(self, states: Sequence[dict[str, torch.Tensor]], num_examples: Sequence[int], *,
                   round: int) -> Aggregate:  # noqa: A002
         """Aggregate, then apply the fold to the shared model's base weights (server and clients alike)."""
-        from dpfed.adapters.lora import _kaiming_uniform, factors, fold_into_base
-
-        index = {n: i for i, n in enumerate(self.layers)}
-
-        def reinit_a(name: str) -> torch.Tensor:  # FLoRA: every client derives the same fresh A from the round seed
-            a = factors(self.layers[name])[1]
-            return _kaiming_uniform(*a.shape, generator=torch.Generator().manual_seed(_seed(self.seed, 10, round, index[name])))
+        from dpfed.adapters.lora import fold_into_base
 
         agg = LoRAAggregator(self.name, self._layer_keys(), weighting=self.weighting,
-                             reinit_a=reinit_a if self.name == "flora" else None).aggregate(states, num_examples)
+                             reinit_a=(lambda name: self._fresh_a(name, round)) if self.name == "flora" else None
+                             ).aggregate(states, num_examples)
         for name, delta in agg.fold.items():
             fold_into_base(self.layers[name], delta)
         return agg
+
+    def _fresh_a(self, name: str, round: int) -> torch.Tensor:  # noqa: A002
+        """FLoRA's re-initialised A for layer ``name`` after ``round``: server and every client derive it from the seed."""
+        from dpfed.adapters.lora import factors, kaiming_uniform
+
+        index = list(self.layers).index(name)
+        a = factors(self.layers[name])[1]
+        return kaiming_uniform(*a.shape, generator=torch.Generator().manual_seed(_seed(self.seed, 10, round, index)))
 
     def client_apply(self, down: dict[str, torch.Tensor], *, round: int) -> None:  # noqa: A002
         """A client rebuilds the server's model from the message alone (``Aggregate.down``).
@@ -154,7 +157,7 @@ class LoRAMethod:
         folded into W0. flora: the stacked factors, whose product (times the scaling) is folded
         into W0, then A re-drawn from the shared round seed and B = 0; the head from the message.
         """
-        from dpfed.adapters.lora import factors, fold_into_base, scaling
+        from dpfed.adapters.lora import fold_into_base, scaling
         from dpfed.adapters.lorasb import load_trainable_state
 
         if self.name == "flora":
@@ -162,16 +165,12 @@ class LoRAMethod:
             for key in state:
                 if key in down:
                     state[key] = down[key]
-            for i, (name, layer) in enumerate(self.layers.items()):
+            for name, layer in self.layers.items():
                 b_key, a_key = self._keys[name]
                 stack = sorted({k.split(".stack.")[1].split(".")[0] for k in down if k.startswith(f"{name}.stack.")}, key=int)
                 prod = sum(down[f"{name}.stack.{j}.B"].double() @ down[f"{name}.stack.{j}.A"].double() for j in stack)
                 fold_into_base(layer, (scaling(layer) * prod).float())
-                a = factors(layer)[1]
-                gen = torch.Generator().manual_seed(_seed(self.seed, 10, round, i))
-                from dpfed.adapters.lora import _kaiming_uniform
-
-                state[a_key] = _kaiming_uniform(*a.shape, generator=gen)
+                state[a_key] = self._fresh_a(name, round)
                 state[b_key] = torch.zeros_like(state[b_key])
             load_trainable_state(self.model, state)
             return

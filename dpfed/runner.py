@@ -253,6 +253,7 @@ def calibrate(cfg: RunConfig, sizes: list[int]) -> float:
 
     With ``init: dp`` each client's initialisation event is part of its plan (same total ε).
     """
+    from accounting.errors import AccountingInputError
     from accounting.events import PoissonGaussianEvent
     from accounting.planning import calibrate_noise
 
@@ -267,14 +268,10 @@ def calibrate(cfg: RunConfig, sizes: list[int]) -> float:
         try:
             sigmas.append(calibrate_noise(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
                                           workloads=[(min(1.0, cfg.train.batch_size / n), steps)], fixed_events=[init_ev]))
-        except Exception as exc:
-            from accounting.errors import AccountingInputError
-
-            if isinstance(exc, AccountingInputError):
-                raise ConfigError(f"init.dp_noise_multiplier must leave budget for training: the DP initialisation alone "
-                                  f"spends the whole epsilon {cfg.privacy.epsilon:g} for a client of {n} records, "
-                                  f"got {cfg.init.dp_noise_multiplier:g}") from None
-            raise
+        except AccountingInputError:
+            raise ConfigError(f"init.dp_noise_multiplier must leave budget for training: the DP initialisation alone "
+                              f"spends the whole epsilon {cfg.privacy.epsilon:g} for a client of {n} records, "
+                              f"got {cfg.init.dp_noise_multiplier:g}") from None
     return max(sigmas)
 
 

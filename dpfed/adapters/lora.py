@@ -37,7 +37,7 @@ LORA_METHODS = ("fedit", "ffa-lora", "fedex-lora", "flora")
 ADAPTER = "default"
 
 
-def _kaiming_uniform(d_out: int, d_in: int, *, generator: torch.Generator) -> torch.Tensor:
+def kaiming_uniform(d_out: int, d_in: int, *, generator: torch.Generator) -> torch.Tensor:
     """PEFT's default A init, ``kaiming_uniform_(a=√5)`` = U(−1/√d_in, 1/√d_in), from ``generator``."""
     bound = 1.0 / math.sqrt(d_in)
     return (torch.rand(d_out, d_in, generator=generator, dtype=torch.float32) * 2 - 1) * bound
@@ -61,7 +61,7 @@ def inject_lora(model: nn.Module, names: Sequence[str], *, rank: int, alpha: flo
         base = layer.get_base_layer()
         d_out, d_in = base.weight.shape
         dev = base.weight.device
-        a = PerSampleLinear(d_in, rank, bias=False, device=dev).load(_kaiming_uniform(rank, d_in, generator=generator))
+        a = PerSampleLinear(d_in, rank, bias=False, device=dev).load(kaiming_uniform(rank, d_in, generator=generator))
         b = PerSampleLinear(rank, d_out, bias=False, device=dev)
         a.weight.requires_grad_(train_a)
         layer.lora_A[ADAPTER] = a
@@ -98,7 +98,7 @@ def reinit(layer: nn.Module, *, generator: torch.Generator) -> None:
     """FLoRA's fresh adapter after folding: new random A, B = 0 (the layer's output is unchanged)."""
     B, A = factors(layer)
     with torch.no_grad():
-        A.copy_(_kaiming_uniform(*A.shape, generator=generator))
+        A.copy_(kaiming_uniform(*A.shape, generator=generator))
         B.zero_()
 
 
