@@ -146,7 +146,7 @@ def load_run(run_dir: str | Path) -> RunFiles:
     canaries = load_canaries(run_dir / CANARIES_FILE)
     records_path = run_dir / ATTACK_RECORDS_FILE
     attack_records = load_attack_records(records_path) if records_path.exists() else None
-    if canaries.task != cfg.model.task:
+    if canaries.kind != "gradient" and canaries.task != cfg.model.task:
         raise DataError(f"{run_dir / CANARIES_FILE}: canaries are for task {canaries.task!r}, the run is {cfg.model.task!r}")
     if attack_records is not None and attack_records["task"] != cfg.model.task:
         raise DataError(f"{records_path}: records are for task {attack_records['task']!r}, the run is {cfg.model.task!r}")
@@ -450,16 +450,25 @@ def audit_run(
         load_trainable_state(model, state)
         return per_record_loss(model, records, tokenizer, task=task, max_length=ml, batch_size=batch_size, device=dev)
 
-    canary_records = canaries.records()
-    c_init, c_final = losses(initial, canary_records), losses(final, canary_records)
-    c_scores = loss_reduction(loss_initial=c_init, loss_final=c_final)
+    white_box = canaries.kind == "gradient"
+    if white_box:  # Dirac canaries: how far training moved each canary's coordinate along its gradient
+        c_scores = canaries.scores(initial, final)
+        score_text = ("-sign × (final − initial) at the canary's coordinate, after removing each matrix's best "
+                      "rank-one change and dividing by the median absolute residual of its tensor (white-box)")
+        canary_attack = "canary_gradient"
+    else:
+        canary_records = canaries.records()
+        c_init, c_final = losses(initial, canary_records), losses(final, canary_records)
+        c_scores = loss_reduction(loss_initial=c_init, loss_final=c_final)
+        score_text = "loss(initial model) - loss(final model)"
+        canary_attack = "canary_loss_reduction"
     bits = canaries.included_mask()
     one_run = mt.one_run_audit(scores=c_scores, included=bits, k_plus=k, k_minus=k, delta=delta, confidence=confidence)
     ceiling = mt.one_run_ceiling(m=canaries.m, r=2 * k, delta=delta, confidence=confidence)
 
     attacks: dict[str, Any] = {}
     if 0 < bits.sum() < canaries.m:
-        attacks["canary_loss_reduction"] = attack_metrics(c_scores, bits, confidence=confidence, delta=delta)
+        attacks[canary_attack] = attack_metrics(c_scores, bits, confidence=confidence, delta=delta)
     if files.attack_records is not None:
         mem, non = attack_records_as_records(files.attack_records)
         m_init, m_final = losses(initial, mem), losses(final, mem)
@@ -472,7 +481,7 @@ def audit_run(
                                               confidence=confidence, delta=delta)
     load_trainable_state(model, final)
 
-    headline_name = "reference" if "reference" in attacks else ("canary_loss_reduction" if attacks else None)
+    headline_name = "reference" if "reference" in attacks else (canary_attack if attacks else None)
     headline = attacks.get(headline_name) if headline_name else None
     eps_lb = float(one_run["epsilon_lower_bound"])
     if not claim["dp"]:
@@ -549,11 +558,12 @@ def audit_run(
         "claim": claim,
         "one_run": {**one_run, "ceiling_at_planned_guesses": ceiling,
                     "k_rule": f"k = max(1, floor({k_fraction} * m)) per side, fixed from m before scoring",
-                    "score": "loss(initial model) - loss(final model)",
+                    "score": score_text,
                     "canary_kind": canaries.kind, "canary_length": canaries.length},
         "canary_scores": {"score": [float(x) for x in c_scores], "included": [bool(b) for b in bits]},
         "attacks": attacks,
-        "limitations": _limitations(claim, one_run, ceiling, canaries.m, k, files.attack_records, attacks),
+        "limitations": _limitations(claim, one_run, ceiling, canaries.m, k, files.attack_records, attacks,
+                                    kind=canaries.kind),
     }
     return result
 
@@ -586,7 +596,7 @@ def _client_level_audit(files: RunFiles, final: dict[str, torch.Tensor], *, conf
 
 
 def _limitations(claim: dict[str, Any], one_run: dict[str, Any], ceiling: float, m: int, k: int,
-                 attack_records: dict[str, Any] | None, attacks: dict[str, Any]) -> list[str]:
+                 attack_records: dict[str, Any] | None, attacks: dict[str, Any], *, kind: str = "random-words") -> list[str]:
     out = [
         "An empirical lower bound is not a proof of privacy. 'consistent' means this audit found no evidence "
         "against the claim; it does not show that the claim holds.",
@@ -596,10 +606,15 @@ def _limitations(claim: dict[str, Any], one_run: dict[str, Any], ceiling: float,
         "the lower bound and the claimed epsilon is expected and does not measure how private the model is.",
         "This is a record-level (example-level) audit. It does not test client-level privacy (whether a client "
         "took part, or all of one client's records together), which this run does not claim either.",
-        "The canaries are random-word texts (with random labels for classification), made to be easy to "
-        "memorise. Real records are "
-        "usually less exposed; a stronger attack (more canaries, gradient canaries, the per-round updates that "
-        "the server sees) could show more.",
+        ("The canaries are white-box gradient (Dirac) canaries: records whose per-sample gradient is fixed to the "
+         "clip norm on one coordinate. They audit the mechanism from the per-sample gradient on (sampling, "
+         "clipping, noise, aggregation, accounting) against the strongest record DP allows, not the data pipeline "
+         "(tokenisation, the per-sample gradient computation); random-word canaries test that part."
+         if kind == "gradient" else
+         "The canaries are random-word texts (with random labels for classification), made to be easy to "
+         "memorise. Real records are "
+         "usually less exposed; a stronger attack (more canaries, gradient canaries, the per-round updates that "
+         "the server sees) could show more."),
         "The auditor sees only the initial and final models, not the per-round updates; the claim covers those too.",
         f"The number of guesses (k = {k} per side) was fixed from m before scoring. Re-running the audit with "
         "other k and keeping the best result breaks the stated confidence.",

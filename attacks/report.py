@@ -27,6 +27,7 @@ _ATTACK_TITLES = {
     "reference": "reference attack (loss reduction vs. the model before fine-tuning), real records",
     "loss": "loss attack (final loss), real records",
     "canary_loss_reduction": "canaries (loss reduction), descriptive",
+    "canary_gradient": "gradient canaries (coordinate moved along the canary), descriptive",
 }
 
 
@@ -112,7 +113,8 @@ def figures(result: dict[str, Any]) -> dict[str, str]:
         bins = np.histogram_bin_edges(s, bins=min(40, max(5, s.size // 5))) if np.ptp(s) > 0 else 5
         ax.hist(s[inc], bins=bins, alpha=0.6, label=f"included ({int(inc.sum())})")
         ax.hist(s[~inc], bins=bins, alpha=0.6, label=f"excluded ({int((~inc).sum())})")
-        ax.set_xlabel("loss reduction (initial − final)")
+        ax.set_xlabel("coordinate moved along the canary (−sign × Δθ)"
+                      if (result.get("one_run") or {}).get("canary_kind") == "gradient" else "loss reduction (initial − final)")
         ax.set_ylabel("canaries")
         ax.set_title("canary scores by (secret) inclusion")
         ax.legend(fontsize=8)
@@ -221,11 +223,15 @@ _ATTACK_HEADER = ["attack", "members / non-members", "AUC [95% CI]", "TPR at 1% 
 
 def _method_text(r: dict[str, Any]) -> list[str]:
     o = r.get("one_run") or {}
+    if o.get("canary_kind") == "gradient":
+        what = (f"Canaries: {r.get('canaries')} white-box gradient (Dirac) canaries (kind gradient): records whose "
+                "per-sample gradient is ±C on one distinct trainable coordinate")
+    else:
+        what = (f"Canaries: {r.get('canaries')} texts of {o.get('canary_length')} random vocabulary words (kind "
+                f"{o.get('canary_kind')})" + (" with random labels" if r.get("task") == "classification" else ""))
     return [
-        f"Canaries: {r.get('canaries')} texts of {o.get('canary_length')} random vocabulary words (kind "
-        f"{o.get('canary_kind')})" + (" with random labels" if r.get("task") == "classification" else "")
-        + ", each included in a client shard independently with probability 1/2 before training, and trained "
-        "on with the same sampling, clipping and noise as every other record.",
+        what + ", each included in a client's population independently with probability 1/2 before training, and "
+        "trained on with the same sampling, clipping and noise as every other record.",
         f"Score: {o.get('score')}. The auditor guesses 'in' for the {r.get('k_plus')} highest and 'out' for the "
         f"{r.get('k_minus')} lowest scores ({o.get('k_rule')}) and abstains on the rest.",
         "Bound: one-run audit of Steinke, Nasr & Jagielski (arXiv 2305.08846, Theorem 3.1): the largest ε whose "
@@ -344,7 +350,7 @@ def render_html(r: dict[str, Any], figs: dict[str, str] | None = None) -> str:
         out.append("<p>" + "<br>".join(e(f"{n}: {_ATTACK_TITLES.get(n, n)}") for n in attacks) + "</p>")
     captions = {"epsilon": "The one-run lower bound, the most this audit could show, the μ-GDP estimate and the claim.",
                 "roc": "ROC curves on log axes; rates of zero are drawn at half the smallest resolvable rate.",
-                "canaries": "Canary loss reductions, split by the secret inclusion bit (shown after the guesses were made)."}
+                "canaries": "Canary scores, split by the secret inclusion bit (shown after the guesses were made)."}
     for name in ("epsilon", "roc", "canaries"):
         if name in figs:
             out.append(f"<figure><img alt=\"{e(name)}\" src=\"data:image/png;base64,{figs[name]}\">"

@@ -21,6 +21,7 @@ from dpfed.data import TokenizedShard
 from dpfed.errors import BudgetError, PrivacyCheckError
 from dpfed.privacy import (
     DPSGDParams,
+    FixedGradientRecords,
     apply_gradients,
     clipped_sum,
     noised_mean,
@@ -72,7 +73,7 @@ class Client:
                  dp: DPSGDParams | None, sample_generator: torch.Generator,
                  noise_generator: torch.Generator | None, ledger=None, budget: Budget | None = None,
                  device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-                 noise_enabled: bool = True) -> None:
+                 noise_enabled: bool = True, fixed: FixedGradientRecords | None = None) -> None:
         if len(shard) == 0:
             from dpfed.errors import DataError
 
@@ -88,15 +89,18 @@ class Client:
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.noise_enabled = noise_enabled  # False only for the noise-amplification twin run
+        # white-box audit canaries: records n_shard .. n-1 of this client, with fixed gradients
+        self.fixed = fixed if fixed is not None and len(fixed) else None
         self._checked_change = False
 
     @property
     def num_examples(self) -> int:
-        return len(self.shard)
+        """The client's population n: its records, and the fixed-gradient audit records it holds."""
+        return len(self.shard) + (len(self.fixed) if self.fixed is not None else 0)
 
     @property
     def sample_rate(self) -> float:
-        return min(1.0, self.training.batch_size / len(self.shard))
+        return min(1.0, self.training.batch_size / self.num_examples)
 
     def round_events(self) -> tuple:
         """The privacy events one round of local training spends (empty without DP)."""
@@ -138,6 +142,8 @@ class Client:
         """
         if params.noise_multiplier <= 0:
             raise PrivacyCheckError(f"init: dp needs a noise multiplier > 0, got {params.noise_multiplier!r}")
+        if self.fixed is not None:
+            raise PrivacyCheckError("init: dp cannot run on a client holding fixed-gradient audit records")
         event = self.init_event(params)
         if self.budget is not None:
             from accounting.prv import epsilon
@@ -174,7 +180,7 @@ class Client:
         losses, sampled = [], 0
         q = self.sample_rate
         for step in range(t.local_steps):
-            idx = poisson_sample(len(self.shard), q, generator=self.sample_generator)
+            idx = poisson_sample(self.num_examples, q, generator=self.sample_generator)
             sampled += len(idx)
             before = trainable_state(model) if not self._checked_change else None
             if self.dp is None:
@@ -192,7 +198,7 @@ class Client:
             for ev in events:  # write-ahead: fsynced before the payload leaves this method
                 self.ledger.append(client=self.client_id, round=round, event=ev)
         mean_loss = float(torch.cat(losses).mean()) if losses else float("nan")
-        return ClientResult(self.client_id, round, trainable_state(model), len(self.shard), events,
+        return ClientResult(self.client_id, round, trainable_state(model), self.num_examples, events,
                             t.local_steps, sampled, mean_loss)
 
     def _batches(self, idx: torch.Tensor, microbatch: int | None = None):
@@ -200,8 +206,22 @@ class Client:
         for start in range(0, len(idx), mb):
             yield self.shard.batch(idx[start:start + mb].tolist(), self.device)
 
+    def _split(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Sampled indices → (records of the shard, rows of the fixed-gradient records)."""
+        n = len(self.shard)
+        return idx[idx < n], [int(i) - n for i in idx[idx >= n]]
+
+    def _fixed_gradients(self, model: nn.Module, rows: list[int]) -> dict[str, torch.Tensor]:
+        shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+        return self.fixed.per_sample(rows, shapes, device=self.device)  # type: ignore[union-attr]
+
     def _dp_step(self, model: nn.Module, idx: torch.Tensor, losses: list) -> None:
         sums = zero_sums(model)
+        idx, fixed_rows = self._split(idx)
+        if fixed_rows:  # clipped and summed exactly like the records' gradients
+            part, _ = clipped_sum(self._fixed_gradients(model, fixed_rows), clip=self.dp.clip)
+            for n in sums:
+                sums[n] += part[n]
         for batch in self._batches(idx):
             grads, loss = per_sample_gradients(model, batch, task=self.training.task, autocast_dtype=self.autocast_dtype)
             part, _ = clipped_sum(grads, clip=self.dp.clip)
@@ -215,11 +235,18 @@ class Client:
 
     def _plain_step(self, model: nn.Module, idx: torch.Tensor, losses: list) -> None:
         n = max(1, len(idx))
+        idx, fixed_rows = self._split(idx)
         for batch in self._batches(idx):
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 loss = per_example_loss(model, batch, task=self.training.task)
             (loss.sum() / n).backward()
             losses.append(loss.detach().float().cpu())
+        if fixed_rows:  # no clipping without DP: the records' gradients enter the mean as they are
+            g = self._fixed_gradients(model, fixed_rows)
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    extra = (g[name].sum(0) / n).to(p.dtype)
+                    p.grad = extra if p.grad is None else p.grad + extra
 
     def _check_changed(self, model: nn.Module, before: dict[str, torch.Tensor]) -> None:
         after = trainable_state(model)

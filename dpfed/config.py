@@ -70,6 +70,8 @@ class DataConfig:
     dirichlet_alpha: float = 1.0
     max_examples: int | None = field(default=None, metadata={"help": "cap on records loaded (quick runs)"})
     canaries: int = field(default=0, metadata={"help": "audit canaries, each planted with probability 1/2 (dpfed audit)"})
+    canary_kind: str = field(default="gradient", metadata={
+        "help": "gradient (white-box Dirac canaries: fixed per-sample gradients) | random-words (input-space records)"})
     audit_holdout: int = field(default=0, metadata={"help": "records held out as attack non-members (default with canaries: min(500, 5%))"})
     canary_clients: int = field(default=0, metadata={"help": "client-level audit: canary clients, each in the population with probability 1/2"})
 
@@ -84,12 +86,14 @@ class DataConfig:
             _pos_int("max_examples", self.max_examples, 2)
         _pos_int("canaries", self.canaries, 0)
         _check(self.canaries == 0 or self.canaries >= 2, f"canaries must be 0 or >= 2, got {self.canaries}")
+        _check(self.canary_kind in CANARY_KINDS, f"canary_kind must be one of {list(CANARY_KINDS)}, got {self.canary_kind!r}")
         _pos_int("audit_holdout", self.audit_holdout, 0)
         _pos_int("canary_clients", self.canary_clients, 0)
         _check(self.canary_clients != 1, "canary_clients must be 0 or >= 2, got 1")
 
 
 INIT_STRATEGIES = ("public", "dp", "random")
+CANARY_KINDS = ("random-words", "gradient")
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,9 @@ class RunConfig:
                f"got privacy.unit={self.privacy.unit!r}, privacy.enabled={self.privacy.enabled!r}")
         _check(not self.privacy.client_level or self.train.method == "fed-sb",
                f"privacy.unit client|both (DP-FedAvg) is implemented for method fed-sb only, got method {self.train.method!r}")
+        _check(not (self.data.canaries and self.data.canary_kind == "gradient" and self.init.strategy == "dp"),
+               "data.canary_kind 'gradient' needs init.strategy public or random: gradient canaries have no "
+               f"gradient for the DP initialisation's W0 estimate, got init.strategy={self.init.strategy!r}")
         _check(self.init.strategy != "dp" or self.privacy.record_level,
                "init 'dp' needs record-level DP (its cost goes into each client's record-level ledger), "
                f"got privacy.unit={self.privacy.unit!r}, privacy.enabled={self.privacy.enabled!r}")

@@ -43,6 +43,53 @@ class DPSGDParams:
         object.__setattr__(self, "expected_batch_size", float(expected_batch_size))
 
 
+@dataclass(frozen=True)
+class FixedGradientRecords:
+    """Records whose per-sample gradient is fixed in advance: the white-box audit's Dirac canaries.
+
+    Record ``j`` has gradient ``values[j]`` at flat coordinate ``indices[j]`` of trainable parameter
+    ``names[j]`` and 0 everywhere else, whatever the model (the gradient-insertion adversary of Nasr
+    et al., arXiv 2101.04535, Sec. 4, used for auditing by Nasr et al., arXiv 2302.07956, and
+    Steinke, Nasr & Jagielski, arXiv 2305.08846, Sec. 6). A client holding such records counts them
+    in its population n (so q = b / n and delta < 1/n count them), Poisson-samples them with its
+    real records, and clips and noises their gradients in the same sum: DP-SGD's guarantee covers
+    any record, including one whose gradient an adversary chose.
+    """
+
+    names: tuple[str, ...]
+    indices: tuple[int, ...]
+    values: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        k = len(self.names)
+        if len(self.indices) != k or len(self.values) != k:
+            raise ConfigError(f"fixed-gradient records need one name, index and value each; got "
+                              f"{k} names, {len(self.indices)} indices, {len(self.values)} values")
+        if any(int(i) < 0 for i in self.indices):
+            raise ConfigError("fixed-gradient record indices must be >= 0")
+        if not all(math.isfinite(v) for v in self.values):
+            raise ConfigError("fixed-gradient record values must be finite")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def per_sample(self, rows, shapes: dict[str, torch.Size], *, device: torch.device | str = "cpu"
+                   ) -> dict[str, torch.Tensor]:
+        """Name → (len(rows), *shape) per-sample gradients of records ``rows`` (zeros but one entry each)."""
+        rows = [int(r) for r in rows]
+        out = {n: torch.zeros((len(rows), *shape), device=device, dtype=torch.float32) for n, shape in shapes.items()}
+        for b, j in enumerate(rows):
+            name = self.names[j]
+            if name not in out:
+                raise PrivacyCheckError(f"fixed-gradient record {j} names {name!r}, which is not a trainable parameter")
+            flat = out[name][b].view(-1)
+            if self.indices[j] >= flat.numel():
+                raise PrivacyCheckError(f"fixed-gradient record {j}: index {self.indices[j]} is outside {name!r} "
+                                        f"({flat.numel()} entries)")
+            flat[self.indices[j]] = self.values[j]
+        return out
+
+
 def new_seed() -> int:
     """A 63-bit seed from the OS entropy pool."""
     return secrets.randbits(63)

@@ -72,6 +72,12 @@ class Job:
     attack_records: dict | None = None  # members / held-out non-members for the membership attacks
     method: Any = None  # dpfed.methods.FedSBMethod | LoRAMethod
     noise_enabled: bool = True  # False only for compare's noise-amplification twin (no guarantee)
+    fixed_records: tuple = ()  # per client: the included white-box (gradient) canaries, FixedGradientRecords
+
+    def population_sizes(self) -> list[int]:
+        """Each client's n: its shard's records plus the gradient canaries it holds (q = b / n counts both)."""
+        extra = [len(f) for f in self.fixed_records] or [0] * len(self.shards)
+        return [len(s) + e for s, e in zip(self.shards, extra)]
 
     @property
     def dp(self) -> bool:
@@ -130,7 +136,7 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
     path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(path) if data_from is None else data_from.tokenizer
     canaries = attack_records = None
-    if cfg.data.canaries:
+    if cfg.data.canaries and cfg.data.canary_kind == "random-words":
         # the audit's canaries go through exactly the same sampling, clipping and noise as real records;
         # imported lazily: only audited runs need the attacks package
         from attacks.canaries import make_canaries, plant
@@ -142,7 +148,7 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
         from attacks.canaries import choose_attack_records
 
         attack_records = choose_attack_records(splits, heldout=heldout, n=len(heldout), seed=_child_seed(split_seed, 8),
-                                               canaries=canaries)
+                                               canaries=canaries)  # None for gradient canaries: they have no text
     label_source = records if data_from is None else data_from.splits.test
     num_labels = len(label_source.label_names) if label_source.labels is not None else 0
     model = load_base(cfg.model.name, task=task, num_labels=max(num_labels, 2))
@@ -159,20 +165,30 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
         adapters = inject_lora(model, names, rank=cfg.model.rank, alpha=cfg.model.lora_alpha or float(cfg.model.rank),
                                train_a=method_name != "ffa-lora", generator=make_generator(_child_seed(seed, 2, 2)))
     model.to(device)
+    fixed_records: tuple = ()
+    if cfg.data.canaries and cfg.data.canary_kind == "gradient":
+        # white-box canaries: distinct coordinates of the trainable parameters, bits from the split seed
+        from attacks.canaries import make_gradient_canaries
+
+        canaries = make_gradient_canaries(
+            m=cfg.data.canaries, shapes={n: p.numel() for n, p in model.named_parameters() if p.requires_grad},
+            num_clients=cfg.data.num_clients, seed=_child_seed(split_seed, 6))
+        fixed_records = tuple(canaries.fixed_records(i, clip=cfg.privacy.clip) for i in range(cfg.data.num_clients))
     ml = cfg.model.max_length
     if data_from is None:
         shards = [tokenize(c, tokenizer, max_length=ml) for c in splits.clients]
         test = tokenize(splits.test, tokenizer, max_length=ml)
     else:
         shards, test = data_from.shards, data_from.test
-    n_min = min(len(s) for s in shards)
+    sizes = [len(s) + (len(fixed_records[i]) if fixed_records else 0) for i, s in enumerate(shards)]
+    n_min = min(sizes)
     if cfg.train.batch_size > n_min:
         raise ConfigError(f"batch_size must be <= the smallest client shard ({n_min} records), got {cfg.train.batch_size}")
     sigma = None
     if cfg.privacy.record_level:
         if cfg.privacy.delta >= 1.0 / n_min:
             raise ConfigError(f"delta must be < 1/n_min = {1.0 / n_min:.3g} (smallest client holds {n_min} records), got {cfg.privacy.delta:g}")
-        sigma = cfg.privacy.noise_multiplier or calibrate(cfg, [len(s) for s in shards])
+        sigma = cfg.privacy.noise_multiplier or calibrate(cfg, sizes)
     progress("setup", {"stage": "init", "strategy": cfg.init.strategy})
     gen = make_generator(_child_seed(seed, 2))
     init_info: dict[str, float] = {}
@@ -207,7 +223,8 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
     method = (FedSBMethod(model, adapters, weighting=weighting) if method_name == "fed-sb"
               else LoRAMethod(method_name, model, adapters, weighting=weighting, seed=seed))
     return Job(cfg, model, adapters, tokenizer, splits, test, shards, device, autocast_dtype, seed, seed_is_user,
-               sigma, init_info, time.time() - t0, split_seed, client_sigma, canaries, attack_records, method)
+               sigma, init_info, time.time() - t0, split_seed, client_sigma, canaries, attack_records, method,
+               fixed_records=fixed_records)
 
 
 def _check_reusable(cfg: RunConfig, other: Job, split_seed: int) -> None:
@@ -464,6 +481,7 @@ def _make_clients(job: Job, *, ledger, seed: int) -> list[Client]:
     training = LocalTraining(local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
                              optimizer=cfg.train.optimizer, momentum=cfg.train.momentum, task=cfg.model.task)
     clients = []
+    fixed = job.fixed_records or (None,) * len(job.shards)
     for i, shard in enumerate(job.shards):
         dp = (DPSGDParams(noise_multiplier=job.noise_multiplier, clip=cfg.privacy.clip,
                           expected_batch_size=cfg.train.batch_size) if job.dp else None)
@@ -471,7 +489,7 @@ def _make_clients(job: Job, *, ledger, seed: int) -> list[Client]:
                               sample_generator=make_generator(_child_seed(seed, 3, i)),
                               noise_generator=make_generator(_child_seed(seed, 4, i), job.device) if job.dp else None,
                               ledger=ledger, budget=budget, device=job.device, autocast_dtype=job.autocast_dtype,
-                              noise_enabled=job.noise_enabled))
+                              noise_enabled=job.noise_enabled, fixed=fixed[i]))
     return clients
 
 
@@ -544,7 +562,7 @@ def resume(run_dir: Path, *, progress: Progress = _noop, device: str | None = No
 
     def in_flight_record() -> list[tuple[str, int, Any]]:
         evs = [] if not job.dp else [PoissonGaussianEvent(noise_multiplier=job.noise_multiplier, sample_rate=min(
-            1.0, cfg.train.batch_size / len(s)), count=cfg.train.local_steps) for s in job.shards]
+            1.0, cfg.train.batch_size / n), count=cfg.train.local_steps) for n in job.population_sizes()]
         return [(f"client-{i:03d}", start, ev) for i, ev in enumerate(evs)]
 
     def in_flight_server() -> list[tuple[str, int, Any]]:

@@ -50,6 +50,7 @@ def train(
     client_delta: Annotated[Optional[float], typer.Option(help="client-level δ (default: --delta); must be < 1/clients")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="continue RUN_DIR from its last checkpoint and ledger (other options except --device/--format are refused)")] = None,
     canaries: Annotated[Optional[int], typer.Option(help="plant M audit canaries (each with probability 1/2) for dpfed audit")] = None,
+    canary_kind: Annotated[Optional[str], typer.Option(help="gradient (default; white-box: fixed per-sample gradients) | random-words (input-space records)")] = None,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="train without DP (comparison only: NO privacy guarantee)")] = False,
     out: Annotated[Optional[Path], typer.Option(help="run directory (must not exist or be empty)")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
@@ -78,7 +79,7 @@ def train(
            "privacy.noise_multiplier": noise_multiplier, "privacy.enabled": False if no_dp else None,
            "model.name": model, "model.task": task, "model.rank": rank, "model.target_modules": _split(target_modules),
            "data.source": dataset, "data.text_column": text_column, "data.label_column": label_column,
-           "data.num_clients": clients, "data.canaries": canaries, "data.partition": partition, "data.dirichlet_alpha": dirichlet_alpha,
+           "data.num_clients": clients, "data.canaries": canaries, "data.canary_kind": canary_kind, "data.partition": partition, "data.dirichlet_alpha": dirichlet_alpha,
            "train.rounds": rounds, "train.local_steps": local_steps, "train.batch_size": batch_size, "train.lr": lr,
            "train.client_fraction": client_fraction, "train.method": method, "init.strategy": init,
            "privacy.unit": privacy_unit, "privacy.client_clip": client_clip,
@@ -110,7 +111,7 @@ def train(
 _OPTION_NAMES = ("config", "epsilon", "delta", "model", "task", "dataset", "text_column", "label_column", "clients",
                  "partition", "dirichlet_alpha", "rounds", "local_steps", "batch_size", "lr", "rank", "target_modules",
                  "clip", "noise_multiplier", "client_fraction", "method", "init", "seed", "out", "privacy_unit",
-                 "client_clip", "client_noise_multiplier", "client_epsilon", "client_delta")
+                 "client_clip", "client_noise_multiplier", "client_epsilon", "client_delta", "canaries", "canary_kind")
 
 
 def _resume(run_dir: Path, *, device: Optional[str], fmt: str) -> None:

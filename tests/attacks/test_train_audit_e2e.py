@@ -13,7 +13,8 @@ def test_train_with_canaries_then_audit(tiny_bert_dir, tiny_csv, tmp_path, run_c
     code, out, err = run_cli(["train", "--model", tiny_bert_dir, "--dataset", tiny_csv, "--text-column", "sentence",
                            "--label-column", "sentiment", "--clients", "3", "--rounds", "2", "--local-steps", "2",
                            "--batch-size", "16", "--rank", "4", "--epsilon", "3", "--delta", "1e-4", "--seed", "0",
-                           "--init", "random", "--canaries", "40", "--out", str(run), "--format", "json"])
+                           "--init", "random", "--canaries", "40", "--canary-kind", "random-words", "--out", str(run),
+                              "--format", "json"])
     assert code == 0, err
     canaries = json.loads((run / "canaries.json").read_text())
     included = [c for c in canaries["canaries"] if c["included"]]
