@@ -128,22 +128,20 @@ class Client:
 
     def init_event(self, params: DPSGDParams) -> PoissonGaussianEvent:
         """The DP initialisation's mechanism for this client: one Poisson-subsampled Gaussian release."""
-        q = min(1.0, params.expected_batch_size / len(self.shard))
+        q = min(1.0, params.expected_batch_size / self.num_examples)
         return PoissonGaussianEvent(noise_multiplier=params.noise_multiplier, sample_rate=q, count=1)
 
     def init_contribution(self, model: nn.Module, adapters: dict, *, params: DPSGDParams,
                           sample_generator: torch.Generator, noise_generator: torch.Generator) -> dict[str, torch.Tensor]:
         """This client's share of a DP initialisation (``init: dp``); recorded in the ledger before it leaves.
 
-        Poisson sample at q = b / n, per-example gradients of the adapted base weights (taken at
+        Poisson sample at q = b / n (n counts fixed-gradient audit records), per-example gradients of the adapted base weights (taken at
         the model as given: the caller zeroes the adapters), joint clipping to C over all
         layers, N(0, σ²C²) on the sum, divided by b. Refused if the event alone would exceed
         the budget. The event is appended (fsynced) at round 0 before the sums are returned.
         """
         if params.noise_multiplier <= 0:
             raise PrivacyCheckError(f"init: dp needs a noise multiplier > 0, got {params.noise_multiplier!r}")
-        if self.fixed is not None:
-            raise PrivacyCheckError("init: dp cannot run on a client holding fixed-gradient audit records")
         event = self.init_event(params)
         if self.budget is not None:
             from accounting.prv import epsilon
@@ -153,7 +151,8 @@ class Client:
                 raise BudgetError(f"client {self.client_id} would reach epsilon {eps:.4f} > budget "
                                   f"{self.budget.epsilon:g} (over by {eps - self.budget.epsilon:.4f}) with the DP "
                                   "initialisation alone; raise init.dp_noise_multiplier")
-        idx = poisson_sample(len(self.shard), event.sample_rate, generator=sample_generator)
+        # fixed-gradient audit records are sampled too; their gradient w.r.t. W0 is zero
+        idx, _ = self._split(poisson_sample(self.num_examples, event.sample_rate, generator=sample_generator))
         sums = {n: torch.zeros(a.out_features, a.in_features, device=self.device) for n, a in adapters.items()}
         for batch in self._batches(idx, microbatch=min(self.training.microbatch, 32)):
             grads = per_sample_weight_gradients(model, adapters, batch, task=self.training.task,

@@ -212,9 +212,6 @@ class RunConfig:
                f"got privacy.unit={self.privacy.unit!r}, privacy.enabled={self.privacy.enabled!r}")
         _check(not self.privacy.client_level or self.train.method == "fed-sb",
                f"privacy.unit client|both (DP-FedAvg) is implemented for method fed-sb only, got method {self.train.method!r}")
-        _check(not (self.data.canaries and self.data.canary_kind == "gradient" and self.init.strategy == "dp"),
-               "data.canary_kind 'gradient' needs init.strategy public or random: gradient canaries have no "
-               f"gradient for the DP initialisation's W0 estimate, got init.strategy={self.init.strategy!r}")
         _check(self.init.strategy != "dp" or self.privacy.record_level,
                "init 'dp' needs record-level DP (its cost goes into each client's record-level ledger), "
                f"got privacy.unit={self.privacy.unit!r}, privacy.enabled={self.privacy.enabled!r}")
