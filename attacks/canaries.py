@@ -9,15 +9,24 @@ clipping and noise as real records, so the claim under test ("every record of ev
 Order of draws, each from its own child of ``SeedSequence(seed)``, so that the inclusion bits
 are independent of everything else:
 
-1. canary texts (random vocabulary words) and labels (uniform over ``label_names``);
+1. canary texts (random vocabulary words) and labels (uniform over ``label_names``), or, for
+   gradient canaries, the coordinates and signs;
 2. the client of every canary, round-robin over all ``m`` canaries, *before* the bits: an
    included canary goes to that client, an excluded one would have. Assigning clients to the
    included canaries only would let one bit move other canaries between clients, and then
    toggling that bit would change more than one record of more than one client;
 3. the inclusion bits, Bernoulli(1/2).
 
+Two kinds. ``random-words`` canaries are texts (with random labels for classification), planted
+into the shards: they exercise the whole input pipeline. ``gradient`` canaries
+(:class:`GradientCanarySet`) are white-box Dirac canaries, records whose per-sample gradient is
+fixed on one trainable coordinate: they exercise the mechanism from the per-sample gradient on,
+and on the small adapters here they are the only kind with the power to catch a broken mechanism
+(measured in the README). The same three draws apply to both.
+
 The canaries and bits are written to ``canaries.json`` in the run directory; training code reads
-only the planted :class:`dpfed.data.Splits`, and only the audit reads the file back. The test
+only the planted :class:`dpfed.data.Splits` (gradient canaries: each client's
+:class:`dpfed.privacy.FixedGradientRecords`), and only the audit reads the file back. The test
 split never receives a canary, so evaluation never counts one.
 
 Real-record attacks (loss and reference attacks) need members and non-members from the same

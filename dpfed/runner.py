@@ -99,7 +99,8 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _child_seed(seed: int, *path: int) -> int:
+def child_seed(seed: int, *path: int) -> int:
+    """A 63-bit seed derived from ``seed`` along ``path`` (independent streams per purpose, site and round)."""
     return int(np.random.SeedSequence([seed, *path]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -117,7 +118,7 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
     seed_is_user = cfg.seed is not None
     seed = cfg.seed if seed_is_user else new_seed()
     if split_seed is None:
-        split_seed = _child_seed(seed, 1) if seed_is_user else new_seed()
+        split_seed = child_seed(seed, 1) if seed_is_user else new_seed()
     device = resolve_device(cfg.device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     task = cfg.model.task
@@ -129,7 +130,7 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
     n_holdout = 0 if data_from is not None else (
         cfg.data.audit_holdout or (min(500, len(records) // 20) if cfg.data.canaries else 0))
     if n_holdout:  # non-members for the membership attacks, set aside before anything else
-        perm = np.random.default_rng(_child_seed(split_seed, 9)).permutation(len(records))
+        perm = np.random.default_rng(child_seed(split_seed, 9)).permutation(len(records))
         heldout, records = records.subset(np.sort(perm[:n_holdout])), records.subset(np.sort(perm[n_holdout:]))
     splits = split_and_partition(records, cfg.data, seed=split_seed) if data_from is None else data_from.splits
     progress("setup", {"stage": "model"})
@@ -142,12 +143,12 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
         from attacks.canaries import make_canaries, plant
 
         canaries = make_canaries(m=cfg.data.canaries, label_names=records.label_names or None,
-                                 num_clients=cfg.data.num_clients, seed=_child_seed(split_seed, 6), tokenizer=tokenizer)
-        splits = plant(splits, canaries, seed=_child_seed(split_seed, 7))
+                                 num_clients=cfg.data.num_clients, seed=child_seed(split_seed, 6), tokenizer=tokenizer)
+        splits = plant(splits, canaries, seed=child_seed(split_seed, 7))
     if heldout is not None:
         from attacks.canaries import choose_attack_records
 
-        attack_records = choose_attack_records(splits, heldout=heldout, n=len(heldout), seed=_child_seed(split_seed, 8),
+        attack_records = choose_attack_records(splits, heldout=heldout, n=len(heldout), seed=child_seed(split_seed, 8),
                                                canaries=canaries)  # None for gradient canaries: they have no text
     label_source = records if data_from is None else data_from.splits.test
     num_labels = len(label_source.label_names) if label_source.labels is not None else 0
@@ -163,7 +164,7 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
 
         _check_rank(model, names, cfg.model.rank)
         adapters = inject_lora(model, names, rank=cfg.model.rank, alpha=cfg.model.lora_alpha or float(cfg.model.rank),
-                               train_a=method_name != "ffa-lora", generator=make_generator(_child_seed(seed, 2, 2)))
+                               train_a=method_name != "ffa-lora", generator=make_generator(child_seed(seed, 2, 2)))
     model.to(device)
     fixed_records: tuple = ()
     if cfg.data.canaries and cfg.data.canary_kind == "gradient":
@@ -172,7 +173,7 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
 
         canaries = make_gradient_canaries(
             m=cfg.data.canaries, shapes={n: p.numel() for n, p in model.named_parameters() if p.requires_grad},
-            num_clients=cfg.data.num_clients, seed=_child_seed(split_seed, 6))
+            num_clients=cfg.data.num_clients, seed=child_seed(split_seed, 6))
         fixed_records = tuple(canaries.fixed_records(i, clip=cfg.privacy.clip) for i in range(cfg.data.num_clients))
     ml = cfg.model.max_length
     if data_from is None:
@@ -190,7 +191,7 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
             raise ConfigError(f"delta must be < 1/n_min = {1.0 / n_min:.3g} (smallest client holds {n_min} records), got {cfg.privacy.delta:g}")
         sigma = cfg.privacy.noise_multiplier or calibrate(cfg, sizes)
     progress("setup", {"stage": "init", "strategy": cfg.init.strategy})
-    gen = make_generator(_child_seed(seed, 2))
+    gen = make_generator(child_seed(seed, 2))
     init_info: dict[str, float] = {}
     init_head_random(model, generator=gen)
     lorasb_init = cfg.init.strategy if method_name == "fed-sb" else None  # LoRA baselines: PEFT's init (in inject_lora)
@@ -215,7 +216,7 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
         init_info["prefix_cache_layers"] = float(model.prefix_start)
     elif cfg.model.prefix_cache and isinstance(model, SequenceClassifier):
         progress("setup", {"stage": "prefix cache"})
-        init_info.update(_enable_prefix_cache(model, names, shards + [test], device))
+        init_info.update(enable_prefix_cache(model, names, shards + [test], device))
     client_sigma = client_noise_multiplier(cfg) if cfg.privacy.client_level else None
     from dpfed.methods import FedSBMethod, LoRAMethod
 
@@ -243,7 +244,7 @@ def _check_rank(model: nn.Module, names: list[str], rank: int) -> None:
             raise ConfigError(f"rank must be <= min(d_out, d_in) = {min(d_out, d_in)} of {n}, got {rank}")
 
 
-def _enable_prefix_cache(model: SequenceClassifier, names: list[str], shards: list[TokenizedShard],
+def enable_prefix_cache(model: SequenceClassifier, names: list[str], shards: list[TokenizedShard],
                          device: torch.device) -> dict[str, float]:
     """Cache hidden states below the lowest adapted layer when the split forward is exact."""
     start = min((_layer_index(n) for n in names if _layer_index(n) is not None), default=0)
@@ -346,11 +347,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _json_dump(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (temporary file, fsync, rename)."""
     _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def _sha256(data: bytes) -> str:
+def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
@@ -370,7 +373,7 @@ def save_checkpoint(run_dir: Path, *, round: int, global_state: dict[str, torch.
         tensors[f"frozen/{name}"] = value.detach().cpu().contiguous()
     meta = {"round": round, **meta}
     _atomic_write(run_dir / CHECKPOINT, save(tensors, metadata={"dpfed": json.dumps(meta)}))
-    _json_dump(run_dir / CHECKPOINT_JSON, meta)
+    write_json(run_dir / CHECKPOINT_JSON, meta)
 
 
 def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -437,7 +440,7 @@ def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any
             budget_info.update(epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, privacy_unit="record")
         if job.client_dp:
             budget_info["client_level"] = {"epsilon": cfg.privacy.client_epsilon, "delta": cfg.privacy.client_delta_value}
-        _json_dump(run_dir / "budget.json", budget_info)
+        write_json(run_dir / "budget.json", budget_info)
     ledger = Ledger(run_dir / LEDGER)
     server_ledger = Ledger(run_dir / SERVER_LEDGER) if job.client_dp else None
     if cfg.data.canary_clients:
@@ -452,8 +455,8 @@ def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any
     eval0 = evaluate(job.model, job.test, task=cfg.model.task, device=job.device, batch_size=cfg.train.eval_batch_size,
                      autocast_dtype=job.autocast_dtype)
     # never the noise/sampling seed unless the user chose it: knowing it would let anyone subtract the noise
-    _json_dump(run_dir / RUN_JSON, {
-        "config_sha256": _sha256(config_text.encode()),
+    write_json(run_dir / RUN_JSON, {
+        "config_sha256": sha256_hex(config_text.encode()),
         "split_seed": job.split_seed,
         "seed": job.seed if job.seed_is_user else None,
         "noise_multiplier": job.noise_multiplier,
@@ -462,7 +465,7 @@ def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any
         "initial_eval": eval0,
     })
     save_checkpoint(run_dir, round=0, global_state=global_state, frozen=job.method.frozen_state(),
-                    meta=_ckpt_meta(run_dir, ledger, server_ledger))
+                    meta=checkpoint_meta(run_dir, ledger, server_ledger))
     return _train(job, run_dir, ledger=ledger, server_ledger=server_ledger, global_state=global_state,
                   start_round=1, seed=job.seed, eval0=eval0, progress=progress, resumed=None)
 
@@ -472,10 +475,11 @@ def _canary_clients(job: Job):
     from attacks.client_canaries import make_canary_clients
 
     return make_canary_clients(k=job.cfg.data.canary_clients, state=trainable_state(job.model),
-                               seed=_child_seed(job.split_seed, 10))
+                               seed=child_seed(job.split_seed, 10))
 
 
-def _make_clients(job: Job, *, ledger, seed: int) -> list[Client]:
+def make_clients(job: Job, *, ledger, seed: int) -> list[Client]:
+    """One :class:`Client` per shard, with generators derived from ``seed`` and the job's gradient canaries."""
     cfg = job.cfg
     budget = Budget(cfg.privacy.epsilon, cfg.privacy.delta) if job.dp else None
     training = LocalTraining(local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
@@ -486,8 +490,8 @@ def _make_clients(job: Job, *, ledger, seed: int) -> list[Client]:
         dp = (DPSGDParams(noise_multiplier=job.noise_multiplier, clip=cfg.privacy.clip,
                           expected_batch_size=cfg.train.batch_size) if job.dp else None)
         clients.append(Client(client_id=f"client-{i:03d}", shard=shard, training=training, dp=dp,
-                              sample_generator=make_generator(_child_seed(seed, 3, i)),
-                              noise_generator=make_generator(_child_seed(seed, 4, i), job.device) if job.dp else None,
+                              sample_generator=make_generator(child_seed(seed, 3, i)),
+                              noise_generator=make_generator(child_seed(seed, 4, i), job.device) if job.dp else None,
                               ledger=ledger, budget=budget, device=job.device, autocast_dtype=job.autocast_dtype,
                               noise_enabled=job.noise_enabled, fixed=fixed[i]))
     return clients
@@ -502,16 +506,16 @@ def _dp_init(job: Job, ledger) -> dict[str, float]:
     from accounting.prv import epsilon as prv_epsilon
 
     params = dp_init_params(job.cfg)
-    clients = _make_clients(job, ledger=ledger, seed=job.seed)
+    clients = make_clients(job, ledger=ledger, seed=job.seed)
     zero_factors(job.adapters)  # the estimate is taken at W0
     total: dict[str, torch.Tensor] = {}
     for i, c in enumerate(clients):
         part = c.init_contribution(job.model, job.adapters, params=params,
-                                   sample_generator=make_generator(_child_seed(job.seed, 3, i, 0)),
-                                   noise_generator=make_generator(_child_seed(job.seed, 4, i, 0), job.device))
+                                   sample_generator=make_generator(child_seed(job.seed, 3, i, 0)),
+                                   noise_generator=make_generator(child_seed(job.seed, 4, i, 0), job.device))
         for n, v in part.items():
             total[n] = total[n] + v if n in total else v
-    factors_from_gradient(job.adapters, total, lr=job.cfg.init.lr, generator=make_generator(_child_seed(job.seed, 2, 1)))
+    factors_from_gradient(job.adapters, total, lr=job.cfg.init.lr, generator=make_generator(child_seed(job.seed, 2, 1)))
     values = sum(a.out_features * a.in_features for a in job.adapters.values())
     eps_init = max(prv_epsilon([c.init_event(params)], delta=job.cfg.privacy.delta).upper for c in clients)
     return {"dp_init_noise_multiplier": params.noise_multiplier, "dp_init_clip": params.clip,
@@ -519,9 +523,10 @@ def _dp_init(job: Job, ledger) -> dict[str, float]:
             "dp_init_contributors": float(len(clients)), "dp_init_bytes_up_per_client": float(4 * values + FRAMING_BYTES)}
 
 
-def _ckpt_meta(run_dir: Path, ledger, server_ledger) -> dict[str, Any]:
+def checkpoint_meta(run_dir: Path, ledger, server_ledger) -> dict[str, Any]:
+    """What a checkpoint records besides the states: the ledgers' head hashes and the config's hash."""
     return {"ledger_head": _head(ledger), "server_ledger_head": _head(server_ledger) if server_ledger else None,
-            "config_sha256": _sha256((run_dir / "config.yaml").read_bytes())}
+            "config_sha256": sha256_hex((run_dir / "config.yaml").read_bytes())}
 
 
 def resume(run_dir: Path, *, progress: Progress = _noop, device: str | None = None) -> dict[str, Any]:
@@ -538,7 +543,7 @@ def resume(run_dir: Path, *, progress: Progress = _noop, device: str | None = No
     config_text = (run_dir / "config.yaml").read_bytes()
     info = json.loads((run_dir / RUN_JSON).read_text())
     meta, trainable, frozen = load_checkpoint(run_dir)
-    digest = _sha256(config_text)
+    digest = sha256_hex(config_text)
     if digest != info["config_sha256"] or digest != meta["config_sha256"]:
         raise ConfigError(f"{run_dir}/config.yaml changed since the run started (sha256 mismatch); refusing to resume")
     cfg = config_mod.from_dict(__import__("yaml").safe_load(config_text))
@@ -623,7 +628,7 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
 
     cfg, model, device = job.cfg, job.model, job.device
     t_start = time.time()
-    clients = _make_clients(job, ledger=ledger, seed=seed)
+    clients = make_clients(job, ledger=ledger, seed=seed)
     q_client = cfg.train.client_fraction
     if job.client_dp:  # DP-FedAvg: uniform weights, Poisson client sampling at rate q, fixed denominator q·N
         aggregator: Any = ClientLevelDP(FedSBAggregator(weighting="uniform"), clip=cfg.privacy.client_clip,
@@ -647,13 +652,13 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
     for rnd in range(start_round, cfg.train.rounds + 1):
         # per-round seeds: a run resumed at any round draws what an uninterrupted one would
         for i, c in enumerate(clients):
-            c.sample_generator = make_generator(_child_seed(seed, 3, i, rnd))
+            c.sample_generator = make_generator(child_seed(seed, 3, i, rnd))
             if job.dp:
-                c.noise_generator = make_generator(_child_seed(seed, 4, i, rnd), device)
-        select_gen = np.random.default_rng(_child_seed(seed, 5, rnd))
+                c.noise_generator = make_generator(child_seed(seed, 4, i, rnd), device)
+        select_gen = np.random.default_rng(child_seed(seed, 5, rnd))
         if job.client_dp:  # Poisson: each client independently with probability q (the accounting needs it)
             chosen = [i for i in range(len(clients)) if select_gen.random() < q_client]
-            aggregator.generator = make_generator(_child_seed(seed, 6, rnd))
+            aggregator.generator = make_generator(child_seed(seed, 6, rnd))
         else:
             chosen = sorted(select_gen.choice(len(clients), size=per_round, replace=False).tolist())
         try:
@@ -686,7 +691,7 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
         if canary_clients is not None:  # client-level audit: included canaries, Poisson-sampled like every client
             from attacks.client_canaries import canary_state
 
-            cgen = np.random.default_rng(_child_seed(seed, 12, rnd))
+            cgen = np.random.default_rng(child_seed(seed, 12, rnd))
             for k, inside in enumerate(canary_clients.included):
                 if cgen.random() < q_client and inside:
                     states.append(canary_state(global_state, canary_clients, k, clip=cfg.privacy.client_clip))
@@ -700,7 +705,7 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
             global_state, down_state = agg.state, agg.down
             agg_errors.append(agg.error)
         save_checkpoint(run_dir, round=rnd, global_state=global_state, frozen=job.method.frozen_state(),
-                        meta=_ckpt_meta(run_dir, ledger, server_ledger))
+                        meta=checkpoint_meta(run_dir, ledger, server_ledger))
         bytes_up.extend(ups)
         load_trainable_state(model, global_state)
         ev = evaluate(model, job.test, task=cfg.model.task, device=device, batch_size=cfg.train.eval_batch_size,
@@ -741,7 +746,7 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
                             rounds_done=rounds_done, stop_reason=stop_reason, resumed=resumed, eval0=eval0,
                             last_eval=last_eval, bytes_up=bytes_up, bytes_down=bytes_down, agg_errors=agg_errors,
                             trainable=trainable, t_start=t_start, client_level=client_level)
-    _json_dump(run_dir / "summary.json", summary)
+    write_json(run_dir / "summary.json", summary)
     return summary
 
 

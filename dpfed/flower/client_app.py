@@ -51,36 +51,57 @@ def _spent(ledger, site_id: str, delta: float | None) -> float | None:
     return epsilon(events, delta=delta).upper if events else 0.0
 
 
+def _refusing(what: str):
+    """Wrap a handler: read the site's settings and the run record, and turn an input error into a refusal.
+
+    The handler gets ``(msg, context, settings, run)``. A refusal is a reply with a ``refusal``
+    record (never a payload), logged on the site with ``what`` was refused.
+    """
+
+    def wrap(handler):
+        def inner(msg: Message, context: Context) -> Message:
+            from accounting.errors import AccountingError
+            from dpfed.errors import DpfedError
+
+            site_id, server_round = "?", 0
+            try:
+                settings = _settings(context)
+                site_id = settings.site_id
+                run = rec.parse_run_record(msg.content.config_records[rec.CONFIG])
+                server_round = run.server_round
+                return handler(msg, context, settings, run)
+            except (DpfedError, AccountingError, KeyError) as exc:
+                log.warning("site %s refuses %s (round %d): %s", site_id, what, server_round, exc)
+                return Message(rec.refusal(str(exc), site_id=site_id, server_round=server_round), reply_to=msg)
+
+        # Flower sees a plain (msg, context) handler; no __wrapped__, so no one inspects the inner signature
+        inner.__name__, inner.__qualname__, inner.__doc__ = handler.__name__, handler.__qualname__, handler.__doc__
+        return inner
+
+    return wrap
+
+
 @app.query()
-def query(msg: Message, context: Context) -> Message:
+@_refusing("the handshake")
+def query(msg: Message, context: Context, settings, run: rec.RunMessage) -> Message:
     """Handshake: keep the frozen factors, announce the site's id, size, budget and what it has spent."""
-    from accounting.errors import AccountingError
     from accounting.ledger import Ledger
     from dpfed.errors import DpfedError
     from dpfed.flower.site import site_config, site_records
 
-    site_id, server_round = "?", 0
-    try:
-        settings = _settings(context)
-        site_id = settings.site_id
-        run = rec.parse_run_record(msg.content.config_records[rec.CONFIG])
-        server_round = run.server_round
-        cfg = site_config(_server_config(run), settings)
-        frozen = msg.content.array_records[rec.FROZEN]
-        if rec.digest(rec.from_record(frozen)) != run.frozen_sha256:
-            raise DpfedError("frozen factors must match their announced sha256 (corrupted in transit?)")
-        context.state[rec.STATE_KEY] = frozen
-        records = site_records(cfg, settings, split_seed=run.split_seed, label_names=run.label_names)
-        ledger = Ledger(settings.ledger)
-        delta = cfg.privacy.delta if cfg.privacy.record_level else None
-        info = {"site-id": settings.site_id, "num-examples": len(records), "own-budget": settings.epsilon is not None}
-        metrics = {"num-examples": len(records)}
-        if delta is not None:
-            metrics.update({"epsilon-budget": cfg.privacy.epsilon, "delta": delta,
-                            "epsilon-spent": _spent(ledger, settings.site_id, delta)})
-    except (DpfedError, AccountingError, KeyError) as exc:
-        log.warning("site %s refuses the handshake: %s", site_id, exc)
-        return Message(rec.refusal(str(exc), site_id=site_id, server_round=server_round), reply_to=msg)
+    cfg = site_config(_server_config(run), settings)
+    frozen = msg.content.array_records[rec.FROZEN]
+    if rec.digest(rec.from_record(frozen)) != run.frozen_sha256:
+        raise DpfedError("frozen factors must match their announced sha256 (corrupted in transit?)")
+    context.state[rec.STATE_KEY] = frozen
+    records = site_records(cfg, settings, split_seed=run.split_seed, label_names=run.label_names)
+    ledger = Ledger(settings.ledger)
+    delta = cfg.privacy.delta if cfg.privacy.record_level else None
+    info = {"site-id": settings.site_id, "num-examples": len(records), "own-budget": settings.epsilon is not None}
+    metrics = {"num-examples": len(records)}
+    if delta is not None:
+        metrics.update({"epsilon-budget": cfg.privacy.epsilon, "delta": delta,
+                        "epsilon-spent": _spent(ledger, settings.site_id, delta)})
     if settings.epsilon is None and cfg.privacy.record_level:
         log.warning("site %s has no epsilon in its node config: it enforces the server's budget %g",
                     settings.site_id, cfg.privacy.epsilon)
@@ -88,37 +109,29 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train()
-def train(msg: Message, context: Context) -> Message:
+@_refusing("the round")
+def train(msg: Message, context: Context, settings, run: rec.RunMessage) -> Message:
     """One round: build the site's client, ``Client.fit`` (ledger first), reply with the payload."""
-    from accounting.errors import AccountingError
     from accounting.events import event_to_dict
     from accounting.ledger import Ledger
     from dpfed.errors import DpfedError
     from dpfed.flower.site import build_site
 
-    site_id, server_round = "?", 0
-    try:
-        settings = _settings(context)
-        site_id = settings.site_id
-        run = rec.parse_run_record(msg.content.config_records[rec.CONFIG])
-        server_round = run.server_round
-        cfg = _server_config(run)
-        if rec.STATE_KEY not in context.state:
-            raise DpfedError("this site holds no frozen factors for the run (no handshake); it needs a new handshake")
-        frozen = rec.from_record(context.state.array_records[rec.STATE_KEY])
-        if rec.digest(frozen) != run.frozen_sha256:
-            raise DpfedError("frozen factors announced by the server differ from the ones this site received")
-        global_state = rec.from_record(msg.content.array_records[rec.ARRAYS])
-        ledger = Ledger(settings.ledger)
-        site = build_site(cfg, settings, split_seed=run.split_seed, label_names=run.label_names, frozen=frozen,
-                          noise_multiplier=run.noise_multiplier, round=server_round, ledger=ledger)
-        _check_global(site, global_state)
-        result = site.client.fit(site.model, global_state, round=server_round)  # budget check, K steps, ledger
-    except (DpfedError, AccountingError, KeyError) as exc:
-        log.warning("site %s refuses round %d: %s", site_id, server_round, exc)
-        return Message(rec.refusal(str(exc), site_id=site_id, server_round=server_round), reply_to=msg)
+    cfg = _server_config(run)
+    if rec.STATE_KEY not in context.state:
+        raise DpfedError("this site holds no frozen factors for the run (no handshake); it needs a new handshake")
+    frozen = rec.from_record(context.state.array_records[rec.STATE_KEY])
+    if rec.digest(frozen) != run.frozen_sha256:
+        raise DpfedError("frozen factors announced by the server differ from the ones this site received")
+    global_state = rec.from_record(msg.content.array_records[rec.ARRAYS])
+    ledger = Ledger(settings.ledger)
+    site = build_site(cfg, settings, split_seed=run.split_seed, label_names=run.label_names, frozen=frozen,
+                      noise_multiplier=run.noise_multiplier, round=run.server_round, ledger=ledger)
+    _check_global(site, global_state)
+    result = site.client.fit(site.model, global_state, round=run.server_round)  # budget check, K steps, ledger
+    # from here on the round's events are in the site's ledger: a failure below can only over-count
     delta = site.cfg.privacy.delta if site.client.dp is not None else None
-    content = rec.reply_record(state=result.state, site_id=settings.site_id, server_round=server_round,
+    content = rec.reply_record(state=result.state, site_id=settings.site_id, server_round=run.server_round,
                                num_examples=result.num_examples, events=[event_to_dict(e) for e in result.events],
                                train_loss=result.mean_loss, sampled=result.sampled, steps=result.steps,
                                epsilon_spent=_spent(ledger, settings.site_id, delta))

@@ -167,15 +167,15 @@ def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handsha
     from dpfed import config as cfgmod
     from dpfed.adapters.lorasb import load_trainable_state
     from dpfed.payload import KIND_DOWN, KIND_UP, encode
-    from dpfed.runner import (LEDGER, RUN_JSON, _ckpt_meta, _json_dump, _sha256, build_summary, evaluate, save_checkpoint,
-                              save_state)
+    from dpfed.runner import (LEDGER, RUN_JSON, build_summary, checkpoint_meta, evaluate, save_checkpoint, save_state,
+                              sha256_hex, write_json)
 
     cfg = job.cfg
     run_dir.mkdir(parents=True, exist_ok=True)
     config_text = cfgmod.to_yaml(cfg)
     (run_dir / "config.yaml").write_text(config_text)
     if job.dp:
-        _json_dump(run_dir / "budget.json", {"accountant": "prv", "epsilon": cfg.privacy.epsilon,
+        write_json(run_dir / "budget.json", {"accountant": "prv", "epsilon": cfg.privacy.epsilon,
                                               "delta": cfg.privacy.delta, "privacy_unit": "record"})
     ledger = Ledger(run_dir / LEDGER)
     save_state(run_dir / "initial_state.safetensors", global_state)
@@ -185,14 +185,14 @@ def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handsha
                         batch_size=cfg.train.eval_batch_size, autocast_dtype=job.autocast_dtype)
 
     eval0 = evaluate_global()
-    _json_dump(run_dir / RUN_JSON, {
-        "config_sha256": _sha256(config_text.encode()), "split_seed": job.split_seed,
+    write_json(run_dir / RUN_JSON, {
+        "config_sha256": sha256_hex(config_text.encode()), "split_seed": job.split_seed,
         "seed": job.seed if job.seed_is_user else None, "noise_multiplier": job.noise_multiplier,
         "client_noise_multiplier": None, "init_info": job.init_info, "initial_eval": eval0,
         "flower": {"sites": {s.site_id: s.num_examples for s in strategy.sites()}, "min_sites": settings.min_sites},
     })
     save_checkpoint(run_dir, round=0, global_state=global_state, frozen=job.method.frozen_state(),
-                    meta=_ckpt_meta(run_dir, ledger, None))
+                    meta=checkpoint_meta(run_dir, ledger, None))
     (run_dir / "rounds").mkdir(exist_ok=True)
     manifest = Manifest.of(global_state)
     metrics_path = run_dir / "metrics.jsonl"
@@ -222,7 +222,7 @@ def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handsha
         global_state = out.aggregate.state
         agg_errors.append(out.aggregate.error)
         save_checkpoint(run_dir, round=rnd, global_state=global_state, frozen=job.method.frozen_state(),
-                        meta=_ckpt_meta(run_dir, ledger, None))
+                        meta=checkpoint_meta(run_dir, ledger, None))
         save_state(run_dir / "rounds" / f"round-{rnd:03d}.safetensors", global_state)
         ups = [len(encode(a.state, manifest, round=rnd, kind=KIND_UP)) for a in out.accepted]
         bytes_up.extend(ups)
@@ -261,7 +261,7 @@ def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handsha
                        "the sites reported with their accepted replies",
         },
     })
-    _json_dump(run_dir / "summary.json", summary)
+    write_json(run_dir / "summary.json", summary)
     return summary
 
 

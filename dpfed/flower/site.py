@@ -82,7 +82,7 @@ def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label
     """
     from dpfed.methods import FedSBMethod
     from dpfed.model import DEFAULT_TARGETS, SequenceClassifier, inject_lorasb, load_base, model_family, resolve_model_path, select_targets
-    from dpfed.runner import _child_seed, _enable_prefix_cache, resolve_device
+    from dpfed.runner import child_seed, enable_prefix_cache, resolve_device
 
     cfg = site_config(cfg, settings)
     device = resolve_device(cfg.device)
@@ -100,7 +100,7 @@ def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label
     method = FedSBMethod(model, adapters, weighting=cfg.train.weighting)
     _install_frozen(method, frozen)
     if cfg.model.prefix_cache and isinstance(model, SequenceClassifier):
-        _enable_prefix_cache(model, names, [shard], device)
+        enable_prefix_cache(model, names, [shard], device)
     dp = None
     budget = None
     if cfg.privacy.record_level:
@@ -121,8 +121,8 @@ def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label
     training = LocalTraining(local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
                              optimizer=cfg.train.optimizer, momentum=cfg.train.momentum, task=cfg.model.task)
     client = Client(client_id=settings.site_id, shard=shard, training=training, dp=dp,
-                    sample_generator=make_generator(_child_seed(seed, 3, settings.index, round)),
-                    noise_generator=make_generator(_child_seed(seed, 4, settings.index, round), device) if dp else None,
+                    sample_generator=make_generator(child_seed(seed, 3, settings.index, round)),
+                    noise_generator=make_generator(child_seed(seed, 4, settings.index, round), device) if dp else None,
                     ledger=ledger, budget=budget, device=device, autocast_dtype=autocast_dtype)
     return Site(model, method, client, cfg)
 

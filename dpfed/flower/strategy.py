@@ -98,11 +98,11 @@ class FedSBStrategy(FedAvg):
 
     def select(self, server_round: int) -> list[SiteInfo]:
         """The in-process runner's draw: ``ceil(q·N)`` of the N sites (sorted by id), seeded per round."""
-        from dpfed.runner import _child_seed
+        from dpfed.runner import child_seed
 
         sites = self.sites()
         per_round = max(1, int(math.ceil(self.client_fraction * len(sites))))
-        gen = np.random.default_rng(_child_seed(self.seed, 5, server_round))
+        gen = np.random.default_rng(child_seed(self.seed, 5, server_round))
         return [sites[i] for i in sorted(gen.choice(len(sites), size=per_round, replace=False).tolist())]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

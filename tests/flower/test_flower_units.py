@@ -205,7 +205,7 @@ def test_site_build_and_fit_equal_the_in_process_client(job, tmp_path):
     from dpfed.adapters.lorasb import trainable_state
     from dpfed.flower.settings import SiteSettings
     from dpfed.flower.site import build_site
-    from dpfed.runner import _make_clients
+    from dpfed.runner import make_clients
 
     settings = SiteSettings.from_node_config({"partition-id": 1, "num-partitions": 3, "seed": job.seed,
                                               "ledger": str(tmp_path / "site.jsonl")})
@@ -217,11 +217,11 @@ def test_site_build_and_fit_equal_the_in_process_client(job, tmp_path):
     mine = site.client.fit(site.model, global_state, round=1)
     ref_ledger = Ledger(tmp_path / "ref.jsonl")
     from dpfed.privacy import make_generator
-    from dpfed.runner import _child_seed
+    from dpfed.runner import child_seed
 
-    client = _make_clients(job, ledger=ref_ledger, seed=job.seed)[1]
-    client.sample_generator = make_generator(_child_seed(job.seed, 3, 1, 1))
-    client.noise_generator = make_generator(_child_seed(job.seed, 4, 1, 1))
+    client = make_clients(job, ledger=ref_ledger, seed=job.seed)[1]
+    client.sample_generator = make_generator(child_seed(job.seed, 3, 1, 1))
+    client.noise_generator = make_generator(child_seed(job.seed, 4, 1, 1))
     ref = client.fit(job.model, global_state, round=1)
     assert all(torch.equal(mine.state[k], ref.state[k]) for k in ref.state)
     assert Ledger(settings.ledger).events("client-001") == ref_ledger.events("client-001")
