@@ -16,7 +16,10 @@ Inputs, all in the run directory (besides the base model and its tokenizer, noth
 Method:
 
 * one-run audit (Steinke, Nasr & Jagielski, arXiv 2305.08846, Algorithm 1 and Theorem 3.1): each
-  canary's score is its loss reduction, loss(initial) - loss(final); the auditor guesses "in" for the
+  canary's score is, for gradient canaries, how far training moved its coordinate along it once the
+  drift is taken out (:meth:`attacks.canaries.GradientCanarySet.scores`; white-box, no forward
+  pass), and for random-word canaries its loss reduction, loss(initial) - loss(final); one score
+  for all canaries of a run, set by their kind before training. The auditor guesses "in" for the
   ``k`` highest and "out" for the ``k`` lowest scores, ``k = max(1, floor(k_fraction * m))`` per side.
   ``k`` depends on ``m`` and ``k_fraction`` only and is fixed before any score is computed;
   ties at a boundary are abstained on. :func:`attacks.metrics.one_run_audit` turns ``r`` guesses with
