@@ -210,6 +210,9 @@ class RunConfig:
         _check(self.data.canary_clients == 0 or self.privacy.client_level,
                "data.canary_clients audits a client-level claim: it needs privacy.unit client or both, "
                f"got privacy.unit={self.privacy.unit!r}, privacy.enabled={self.privacy.enabled!r}")
+        _check(not (self.data.canaries or self.data.canary_clients) or self.train.method == "fed-sb",
+               "data.canaries and data.canary_clients need method fed-sb: dpfed audit reads LoRA-SB runs only, "
+               f"got method {self.train.method!r}")
         _check(not self.privacy.client_level or self.train.method == "fed-sb",
                f"privacy.unit client|both (DP-FedAvg) is implemented for method fed-sb only, got method {self.train.method!r}")
         _check(self.init.strategy != "dp" or self.privacy.record_level,

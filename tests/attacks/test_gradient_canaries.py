@@ -259,6 +259,7 @@ def test_cli_train_with_gradient_canaries_then_audit(tiny_bert_dir, tiny_csv, tm
 
 @pytest.mark.parametrize("over,message", [
     ({"data.canary_kind": "dirac"}, "canary_kind must be one of ['random-words', 'gradient'], got 'dirac'"),
+    ({"data.canaries": 10, "train.method": "fedit"}, "data.canaries and data.canary_clients need method fed-sb"),
 ])
 def test_config_refuses_bad_canary_kinds(over, message):
     from dpfed import config as C
