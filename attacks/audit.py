@@ -453,8 +453,7 @@ def audit_run(
         load_trainable_state(model, state)
         return per_record_loss(model, records, tokenizer, task=task, max_length=ml, batch_size=batch_size, device=dev)
 
-    white_box = canaries.kind == "gradient"
-    if white_box:  # Dirac canaries: how far training moved each canary's coordinate along its gradient
+    if canaries.kind == "gradient":  # Dirac canaries: how far training moved each canary's coordinate along its gradient
         c_scores = canaries.scores(initial, final)
         score_text = ("-sign × (final − initial) at the canary's coordinate, after removing each matrix's best "
                       "rank-one change and dividing by the median absolute residual of its tensor (white-box)")

@@ -210,15 +210,15 @@ class Client:
         n = len(self.shard)
         return idx[idx < n], [int(i) - n for i in idx[idx >= n]]
 
-    def _fixed_gradients(self, model: nn.Module, rows: list[int]) -> dict[str, torch.Tensor]:
+    def _fixed_sum(self, model: nn.Module, rows: list[int], *, clip: float | None) -> dict[str, torch.Tensor]:
         shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-        return self.fixed.per_sample(rows, shapes, device=self.device)  # type: ignore[union-attr]
+        return self.fixed.summed(rows, shapes, clip=clip, device=self.device)  # type: ignore[union-attr]
 
     def _dp_step(self, model: nn.Module, idx: torch.Tensor, losses: list) -> None:
         sums = zero_sums(model)
         idx, fixed_rows = self._split(idx)
         if fixed_rows:  # clipped and summed exactly like the records' gradients
-            part, _ = clipped_sum(self._fixed_gradients(model, fixed_rows), clip=self.dp.clip)
+            part = self._fixed_sum(model, fixed_rows, clip=self.dp.clip)
             for n in sums:
                 sums[n] += part[n]
         for batch in self._batches(idx):
@@ -241,10 +241,10 @@ class Client:
             (loss.sum() / n).backward()
             losses.append(loss.detach().float().cpu())
         if fixed_rows:  # no clipping without DP: the records' gradients enter the mean as they are
-            g = self._fixed_gradients(model, fixed_rows)
+            g = self._fixed_sum(model, fixed_rows, clip=None)
             for name, p in model.named_parameters():
                 if p.requires_grad:
-                    extra = (g[name].sum(0) / n).to(p.dtype)
+                    extra = (g[name] / n).to(p.dtype)
                     p.grad = extra if p.grad is None else p.grad + extra
 
     def _check_changed(self, model: nn.Module, before: dict[str, torch.Tensor]) -> None:

@@ -73,20 +73,40 @@ class FixedGradientRecords:
     def __len__(self) -> int:
         return len(self.names)
 
+    def _entry(self, j: int, shapes: dict[str, torch.Size]) -> tuple[str, int]:
+        name = self.names[j]
+        if name not in shapes:
+            raise PrivacyCheckError(f"fixed-gradient record {j} names {name!r}, which is not a trainable parameter")
+        if self.indices[j] >= math.prod(shapes[name]):
+            raise PrivacyCheckError(f"fixed-gradient record {j}: index {self.indices[j]} is outside {name!r} "
+                                    f"({math.prod(shapes[name])} entries)")
+        return name, self.indices[j]
+
     def per_sample(self, rows, shapes: dict[str, torch.Size], *, device: torch.device | str = "cpu"
                    ) -> dict[str, torch.Tensor]:
         """Name → (len(rows), *shape) per-sample gradients of records ``rows`` (zeros but one entry each)."""
         rows = [int(r) for r in rows]
         out = {n: torch.zeros((len(rows), *shape), device=device, dtype=torch.float32) for n, shape in shapes.items()}
         for b, j in enumerate(rows):
-            name = self.names[j]
-            if name not in out:
-                raise PrivacyCheckError(f"fixed-gradient record {j} names {name!r}, which is not a trainable parameter")
-            flat = out[name][b].view(-1)
-            if self.indices[j] >= flat.numel():
-                raise PrivacyCheckError(f"fixed-gradient record {j}: index {self.indices[j]} is outside {name!r} "
-                                        f"({flat.numel()} entries)")
-            flat[self.indices[j]] = self.values[j]
+            name, i = self._entry(j, shapes)
+            out[name][b].view(-1)[i] = self.values[j]
+        return out
+
+    def summed(self, rows, shapes: dict[str, torch.Size], *, clip: float | None,
+               device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Name → the sum over ``rows`` of their gradients, each clipped to ``clip`` first (None: not clipped).
+
+        Equals :func:`clipped_sum` of :meth:`per_sample` (a record's norm is ``|value|``) without
+        the (rows, *shape) tensors: one entry per record is written, so the step's memory does not
+        grow with the number of sampled canaries times the trainable size.
+        """
+        out = {n: torch.zeros(shape, device=device, dtype=torch.float32) for n, shape in shapes.items()}
+        for j in (int(r) for r in rows):
+            name, i = self._entry(j, shapes)
+            v = torch.tensor(self.values[j], dtype=torch.float32)
+            if clip is not None:
+                v = v * clip_factors(v.abs(), clip=clip)
+            out[name].view(-1)[i] += v.to(out[name].device)
         return out
 
 
@@ -166,8 +186,13 @@ def clipped_sum(per_sample: dict[str, torch.Tensor], *, clip: float) -> tuple[di
     names = list(per_sample)
     sq = torch.stack([per_sample[n].reshape(per_sample[n].shape[0], -1).float().pow(2).sum(1) for n in names], 0).sum(0)
     norms = sq.sqrt()  # (B,)
-    factor = (clip / (norms + 1e-6)).clamp(max=1.0)  # (B,)
+    factor = clip_factors(norms, clip=clip)  # (B,)
     return {n: torch.einsum("b,b...->...", factor, per_sample[n].float()) for n in names}, norms
+
+
+def clip_factors(norms: torch.Tensor, *, clip: float) -> torch.Tensor:
+    """min(1, C / ‖g‖): the factor that scales a gradient of norm ``‖g‖`` to norm at most C."""
+    return (clip / (norms + 1e-6)).clamp(max=1.0)
 
 
 def noised_mean(sums: dict[str, torch.Tensor], *, params: DPSGDParams,

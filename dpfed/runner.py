@@ -76,8 +76,7 @@ class Job:
 
     def population_sizes(self) -> list[int]:
         """Each client's n: its shard's records plus the gradient canaries it holds (q = b / n counts both)."""
-        extra = [len(f) for f in self.fixed_records] or [0] * len(self.shards)
-        return [len(s) + e for s, e in zip(self.shards, extra)]
+        return _population_sizes(self.shards, self.fixed_records)
 
     @property
     def dp(self) -> bool:
@@ -88,6 +87,10 @@ class Job:
     def client_dp(self) -> bool:
         """Client-level DP-FedAvg on the server."""
         return self.cfg.privacy.client_level
+
+
+def _population_sizes(shards: list[TokenizedShard], fixed_records: tuple) -> list[int]:
+    return [len(s) + (len(fixed_records[i]) if fixed_records else 0) for i, s in enumerate(shards)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -181,7 +184,7 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
         test = tokenize(splits.test, tokenizer, max_length=ml)
     else:
         shards, test = data_from.shards, data_from.test
-    sizes = [len(s) + (len(fixed_records[i]) if fixed_records else 0) for i, s in enumerate(shards)]
+    sizes = _population_sizes(shards, fixed_records)
     n_min = min(sizes)
     if cfg.train.batch_size > n_min:
         raise ConfigError(f"batch_size must be <= the smallest client shard ({n_min} records), got {cfg.train.batch_size}")

@@ -111,6 +111,20 @@ def test_fixed_gradient_records_validate():
         FixedGradientRecords(names=("w",), indices=(0,), values=(math.inf,))
 
 
+def test_summed_equals_clipped_sum_of_the_per_sample_gradients():
+    from dpfed.privacy import clipped_sum
+
+    r = FixedGradientRecords(names=("w", "v", "w"), indices=(3, 0, 1), values=(2.0, -0.3, -5.0))
+    shapes = {"w": torch.Size([2, 2]), "v": torch.Size([3])}
+    rows = [0, 1, 2, 0]
+    ref, _ = clipped_sum(r.per_sample(rows, shapes), clip=1.0)
+    got = r.summed(rows, shapes, clip=1.0)
+    for n in shapes:
+        torch.testing.assert_close(got[n], ref[n])
+    raw = r.summed(rows, shapes, clip=None)
+    torch.testing.assert_close(raw["w"], r.per_sample(rows, shapes)["w"].sum(0))
+
+
 def _tiny_client_model():
     from transformers import BertConfig
 
