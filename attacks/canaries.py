@@ -150,8 +150,9 @@ class GradientCanarySet:
     clipping and noise (:class:`dpfed.privacy.FixedGradientRecords`). SGD moves the coordinate by
     ``-lr * sign * C / b`` per step it is sampled in, so the score is ``-sign`` times the change of
     that coordinate, read after the training drift is taken out (:func:`drift_residuals`) (Nasr et
-    al., arXiv 2302.07956; Steinke, Nasr & Jagielski, arXiv 2305.08846, Sec. 6). They audit the mechanism from the per-sample gradient on
-    (sampling, clipping, noise, aggregation, accounting), not the input pipeline.
+    al., arXiv 2302.07956; Steinke, Nasr & Jagielski, arXiv 2305.08846, Sec. 6). They audit the
+    mechanism from the per-sample gradient on (sampling, clipping, noise, aggregation,
+    accounting), not the input pipeline.
     """
 
     names: tuple[str, ...]
