@@ -15,3 +15,11 @@ class LedgerCorruptError(AccountingError):
 
 class BudgetExceededError(AccountingError):
     """Composing an event would push a client past its budget."""
+
+
+class LedgerMissingError(AccountingError):
+    """A ledger that must exist is absent; readers never create one."""
+
+
+class LedgerKeyError(AccountingError):
+    """A ledger key is missing, unsafe or malformed, or does not fit the ledger (keyed vs plain)."""

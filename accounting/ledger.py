@@ -17,7 +17,16 @@ is fsync-ed too). Callers release a noised payload only after ``append`` returns
 
 What the chain cannot see by itself: removal of whole lines at the end of the file. Keep
 :attr:`Ledger.head` somewhere else (e.g. in a run checkpoint) and pass it back as
-``expected_head`` to detect that.
+``expected_head`` to detect that. Nor can it see a rewrite: anyone who can write the file can
+recompute every hash. A *keyed* ledger (``Ledger(path, key=...)``) adds to each line
+``mac = HMAC-SHA256(key, prev + canonical(record without "hash" and "mac"))``, the same bytes
+the hash covers (so the hashes, and the heads recorded elsewhere, are those of the plain
+chain). Opening with the key verifies every MAC, so lines written or edited by anyone without
+the key are detected; opening without it verifies the plain chain only and logs that the MACs
+were not checked; opening a plain ledger with a key is refused. Keep the key on the site
+(:func:`new_key_file`, :func:`load_key`).
+
+Readers use :meth:`Ledger.open_existing`, which never creates a ledger.
 
 Epsilon is never stored: :func:`spent` derives it from the events.
 """
@@ -25,15 +34,18 @@ Epsilon is never stored: :func:`spent` derives it from the events.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from accounting.errors import AccountingInputError, LedgerCorruptError
+from accounting.errors import AccountingInputError, LedgerCorruptError, LedgerKeyError, LedgerMissingError
 from accounting.events import Event, check_event, event_from_dict, event_to_dict
 
 if TYPE_CHECKING:
@@ -49,6 +61,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 GENESIS_HASH = "0" * 64
 _KEYS = frozenset({"v", "seq", "client", "round", "unit", "event", "note", "time", "prev", "hash"})
+MAC_FIELD = "mac"
+KEY_BYTES = 32  # what new_key_file writes and load_key reads
+MIN_KEY_BYTES = 16
 TORN_SUFFIX = ".torn"
 REAPPEND_NOTE = "re-appended after a torn write (conservative: it may have been released)"
 
@@ -57,8 +72,27 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
+def _chain_bytes(prev: str, content: dict[str, Any]) -> bytes:
+    """What a line's hash and MAC cover: the previous hash and the record without "hash" and "mac"."""
+    return (prev + _canonical(content)).encode("ascii")
+
+
 def _chain_hash(prev: str, content: dict[str, Any]) -> str:
-    return hashlib.sha256((prev + _canonical(content)).encode("ascii")).hexdigest()
+    return hashlib.sha256(_chain_bytes(prev, content)).hexdigest()
+
+
+def _chain_mac(key: bytes, prev: str, content: dict[str, Any]) -> str:
+    return hmac.new(key, _chain_bytes(prev, content), hashlib.sha256).hexdigest()
+
+
+def _check_key(key: object) -> bytes | None:
+    if key is None:
+        return None
+    if not isinstance(key, bytes):
+        raise LedgerKeyError(f"key must be bytes (see load_key), got {type(key).__name__}")
+    if len(key) < MIN_KEY_BYTES:
+        raise LedgerKeyError(f"key must be at least {MIN_KEY_BYTES} bytes long, got {len(key)} bytes")
+    return key
 
 
 def fsync_dir(path: Path) -> None:
@@ -83,9 +117,10 @@ class LedgerRecord:
     time: str
     prev: str
     hash: str
+    mac: str | None = None  # HMAC-SHA256 of a keyed ledger's line
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "v": FORMAT_VERSION,
             "seq": self.seq,
             "client": self.client,
@@ -97,6 +132,9 @@ class LedgerRecord:
             "prev": self.prev,
             "hash": self.hash,
         }
+        if self.mac is not None:
+            out[MAC_FIELD] = self.mac
+        return out
 
 
 def _check_client(client: object) -> str:
@@ -113,8 +151,8 @@ def _check_round(value: object) -> int:
     return value
 
 
-def _parse_record(line: bytes, *, expected_seq: int, prev: str, where: str) -> LedgerRecord:
-    """Verify one complete line; raise LedgerCorruptError naming ``where`` otherwise."""
+def _parse_record(line: bytes, *, expected_seq: int, prev: str, where: str, key: bytes | None = None) -> LedgerRecord:
+    """Verify one complete line (and its MAC, if it has one and ``key`` is given); LedgerCorruptError otherwise."""
     try:
         text = line.decode("ascii")
     except UnicodeDecodeError:
@@ -125,9 +163,11 @@ def _parse_record(line: bytes, *, expected_seq: int, prev: str, where: str) -> L
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LedgerCorruptError(f"{where}: unparsable JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(data, dict) or set(data) != _KEYS:
+    if not isinstance(data, dict) or set(data) not in (_KEYS, _KEYS | {MAC_FIELD}):
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise LedgerCorruptError(f"{where}: expected keys {sorted(_KEYS)}, found {found}")
+        raise LedgerCorruptError(
+            f"{where}: expected keys {sorted(_KEYS)} (and {MAC_FIELD!r} when keyed), found {found}"
+        )
     if data["v"] != FORMAT_VERSION:
         raise LedgerCorruptError(f"{where}: unsupported format version {data['v']!r}")
     if data["seq"] != expected_seq or isinstance(data["seq"], bool):
@@ -137,11 +177,19 @@ def _parse_record(line: bytes, *, expected_seq: int, prev: str, where: str) -> L
         )
     if data["prev"] != prev:
         raise LedgerCorruptError(f"{where}: hash chain broken: prev does not match the previous line's hash")
-    content = {key: value for key, value in data.items() if key != "hash"}
+    content = {name: value for name, value in data.items() if name not in ("hash", MAC_FIELD)}
     if data["hash"] != _chain_hash(prev, content):
         raise LedgerCorruptError(f"{where}: checksum mismatch: the line was edited")
     if _canonical(data) != text:
         raise LedgerCorruptError(f"{where}: not in canonical form: the line was edited")
+    mac = data.get(MAC_FIELD)
+    if mac is not None and not (isinstance(mac, str) and len(mac) == 64 and set(mac) <= set("0123456789abcdef")):
+        raise LedgerCorruptError(f"{where}: invalid field: mac must be 64 hex digits, got {mac!r}")
+    if key is not None and mac is not None and not hmac.compare_digest(mac, _chain_mac(key, prev, content)):
+        raise LedgerCorruptError(
+            f"{where}: MAC mismatch: the line was written or edited without the ledger key (or the key is not this "
+            f"ledger's)"
+        )
     try:
         client = _check_client(data["client"])
         round_ = _check_round(data["round"])
@@ -155,7 +203,7 @@ def _parse_record(line: bytes, *, expected_seq: int, prev: str, where: str) -> L
         raise LedgerCorruptError(f"{where}: unit {data['unit']!r} differs from the event's unit {event.unit!r}")
     return LedgerRecord(
         seq=expected_seq, client=client, round=round_, unit=event.unit, event=event,
-        note=data["note"], time=data["time"], prev=prev, hash=data["hash"],
+        note=data["note"], time=data["time"], prev=prev, hash=data["hash"], mac=mac,
     )
 
 
@@ -169,21 +217,35 @@ class Ledger:
     """An append-only JSON-lines privacy ledger holding the events of many clients.
 
     ``Ledger(path)`` creates the parent directory and an empty file if absent, or reads
-    and verifies every line of an existing file. ``expected_head=(seq, hash)`` (a
-    previous :attr:`head`) additionally checks that no line up to ``seq`` went missing.
+    and verifies every line of an existing file; :meth:`open_existing` never creates one.
+    ``expected_head=(seq, hash)`` (a previous :attr:`head`) additionally checks that no line
+    up to ``seq`` went missing. ``key`` (bytes, see :func:`load_key`) makes the ledger keyed:
+    every line it appends carries an HMAC, and every line it reads must carry a valid one.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, expected_head: tuple[int, str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, expected_head: tuple[int, str] | None = None,
+                 key: bytes | None = None) -> None:
         self.path = Path(path)
+        self._key = _check_key(key)
         self._records: list[LedgerRecord] = []
         self._units: dict[str, str] = {}
         self._size = 0
+        self._keyed = self._key is not None
         if self.path.exists():
             self._load()
         else:
             self._create()
         if expected_head is not None:
             self._check_head(expected_head)
+
+    @classmethod
+    def open_existing(cls, path: str | os.PathLike[str], *, expected_head: tuple[int, str] | None = None,
+                      key: bytes | None = None) -> Ledger:
+        """Open and verify an existing ledger; LedgerMissingError if there is none (never creates one)."""
+        path = Path(path)
+        if not path.exists():
+            raise LedgerMissingError(f"{path}: no such ledger (a reader never creates one)")
+        return cls(path, expected_head=expected_head, key=key)
 
     # -- reading -----------------------------------------------------------------
     def _create(self) -> None:
@@ -207,7 +269,19 @@ class Ledger:
         records: list[LedgerRecord] = []
         prev = GENESIS_HASH
         for index, line in enumerate(lines):
-            record = _parse_record(line, expected_seq=index, prev=prev, where=f"{self.path}:{index + 1}")
+            where = f"{self.path}:{index + 1}"
+            record = _parse_record(line, expected_seq=index, prev=prev, where=where, key=self._key)
+            keyed = record.mac is not None
+            if index == 0 and self._key is not None and not keyed:
+                raise LedgerKeyError(
+                    f"{self.path}: a key was given but the ledger is not keyed (line 1 carries no MAC)"
+                )
+            if index > 0 and keyed != (records[0].mac is not None):
+                this, first = ("a MAC", "none") if keyed else ("no MAC", "one")
+                raise LedgerCorruptError(
+                    f"{where}: {this} on this line but {first} on line 1: lines were added or rewritten without "
+                    f"the ledger key"
+                )
             records.append(record)
             prev = record.hash
         if tail:
@@ -226,6 +300,11 @@ class Ledger:
         self._records = records
         self._units = units
         self._size = len(raw)
+        if records:
+            self._keyed = records[0].mac is not None
+        if self._keyed and self._key is None:
+            log.warning("%s: keyed ledger opened without its key: the hash chain was verified, the MACs were not",
+                        self.path)
 
     def _check_head(self, expected_head: tuple[int, str]) -> None:
         try:
@@ -251,6 +330,16 @@ class Ledger:
             return -1, GENESIS_HASH
         return self._records[-1].seq, self._records[-1].hash
 
+    @property
+    def keyed(self) -> bool:
+        """Whether the lines carry an HMAC (for an empty ledger: whether it was opened with a key)."""
+        return self._keyed
+
+    @property
+    def mac_verified(self) -> bool:
+        """Whether every line's HMAC was checked against a key (False when opened without one)."""
+        return self._key is not None
+
     def records(self) -> tuple[LedgerRecord, ...]:
         return tuple(self._records)
 
@@ -273,6 +362,8 @@ class Ledger:
     # -- writing -----------------------------------------------------------------
     def append(self, *, client: str, round: int, event: Event, note: str = "") -> LedgerRecord:  # noqa: A002
         """Durably append one event; returns after write + flush + fsync (write-ahead)."""
+        if self._keyed and self._key is None:
+            raise LedgerKeyError(f"{self.path}: the ledger is keyed; appending needs its key, got none")
         client = _check_client(client)
         round_ = _check_round(round)
         check_event(event)
@@ -290,11 +381,12 @@ class Ledger:
             "event": event_to_dict(event), "note": note, "time": time, "prev": prev,
         }
         digest = _chain_hash(prev, content)
-        line = (_canonical({**content, "hash": digest}) + "\n").encode("ascii")
+        mac = _chain_mac(self._key, prev, content) if self._key is not None else None
         record = LedgerRecord(
             seq=prev_seq + 1, client=client, round=round_, unit=event.unit, event=event,
-            note=note, time=time, prev=prev, hash=digest,
+            note=note, time=time, prev=prev, hash=digest, mac=mac,
         )
+        line = (_canonical(record.to_dict()) + "\n").encode("ascii")
         if not self.path.exists():
             if self._records:
                 raise LedgerCorruptError(f"{self.path}: the ledger file was removed after it was read")
@@ -318,7 +410,7 @@ class Ledger:
 
     # -- repair ------------------------------------------------------------------
     @classmethod
-    def recover(cls, path: str | os.PathLike[str]) -> tuple[Ledger, str | None]:
+    def recover(cls, path: str | os.PathLike[str], *, key: bytes | None = None) -> tuple[Ledger, str | None]:
         """Explicitly repair a torn final line; return the ledger and the torn text (None if none).
 
         Only a final fragment without a newline is repaired: it is appended to
@@ -333,15 +425,16 @@ class Ledger:
         caller was recording when it crashed.
         """
         path = Path(path)
+        key = _check_key(key)
         if not path.exists():
             raise LedgerCorruptError(f"{path}: no such ledger to recover")
         raw = path.read_bytes()
         lines, tail = _split_lines(raw)
         prev = GENESIS_HASH
         for index, line in enumerate(lines):
-            prev = _parse_record(line, expected_seq=index, prev=prev, where=f"{path}:{index + 1}").hash
+            prev = _parse_record(line, expected_seq=index, prev=prev, where=f"{path}:{index + 1}", key=key).hash
         if not tail:
-            return cls(path), None
+            return cls(path, key=key), None
         torn_path = path.with_name(path.name + TORN_SUFFIX)
         with open(torn_path, "ab") as handle:
             handle.write(tail + b"\n")
@@ -354,7 +447,7 @@ class Ledger:
         fsync_dir(path.parent)
         torn_text = tail.decode("ascii", errors="replace")
         log.warning("%s: cut a torn final line of %d bytes (kept in %s)", path, len(tail), torn_path)
-        return cls(path), torn_text
+        return cls(path, key=key), torn_text
 
 
 def parse_torn(torn_text: str) -> tuple[str, int, Event] | None:
@@ -373,6 +466,52 @@ def reappend_torn(ledger: Ledger, torn_text: str) -> LedgerRecord | None:
         return None
     client, round_, event = parsed
     return ledger.append(client=client, round=round_, event=event, note=REAPPEND_NOTE)
+
+
+def new_key_file(path: str | os.PathLike[str]) -> bytes:
+    """Create ``path`` holding a fresh random ledger key (32 bytes as hex, mode 0600); return the key.
+
+    Keep the file on the site only: whoever can read it can write lines that verify. An existing
+    file is never overwritten (a lost key makes a keyed ledger unverifiable, not invalid).
+    """
+    path = Path(path)
+    key = secrets.token_bytes(KEY_BYTES)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise LedgerKeyError(f"key file must not exist yet (a key is never overwritten), got existing {path}") from None
+    except OSError as exc:
+        raise LedgerKeyError(f"{path}: cannot create the key file ({exc.strerror})") from None
+    try:
+        os.write(fd, (key.hex() + "\n").encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+    return key
+
+
+def load_key(path: str | os.PathLike[str]) -> bytes:
+    """The ledger key in ``path`` (hex); LedgerKeyError if missing, malformed or readable by group or others."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise LedgerKeyError(f"{path}: key file not readable ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise LedgerKeyError(f"{path}: key file must be a regular file")
+    if os.name == "posix" and info.st_mode & 0o077:
+        raise LedgerKeyError(f"{path}: key file must be accessible by its owner only (chmod 600), "
+                             f"got mode {stat.S_IMODE(info.st_mode):04o}")
+    try:
+        key = bytes.fromhex(path.read_bytes().decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise LedgerKeyError(f"{path}: key file must hold the key as hex digits, got something else") from None
+    if len(key) != KEY_BYTES:
+        raise LedgerKeyError(
+            f"{path}: key must be {KEY_BYTES} bytes ({2 * KEY_BYTES} hex digits), got {len(key)} bytes"
+        )
+    return key
 
 
 def spent(ledger: Ledger, client: str, *, delta: float, eps_error: float | None = None) -> EpsilonBound:

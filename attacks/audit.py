@@ -10,7 +10,10 @@ Inputs, all in the run directory (besides the base model and its tokenizer, noth
   B and A are frozen, so the same B, A serve the initial and the final model;
 * ``adapter/lorasb_config.json`` (optional): ``scale`` of the adapter (default 1);
 * ``summary.json``, ``budget.json`` and ``ledger.jsonl``: the claim (epsilon is re-derived from the
-  ledger's events when the ledger is there);
+  ledger's events when the ledger is there). The ledgers are first checked against the checkpoint,
+  ``run.json`` and ``summary.json`` (:func:`dpfed.rundir_check.verify_run_ledgers`); a directory
+  without a ledger or any file the runner writes beside it (no checkpoint, no ``run.json``) is
+  audited against ``summary.json``'s claim, and the report names that source;
 * ``canaries.json`` (required) and ``attack_records.json`` (optional), from :mod:`attacks.canaries`.
 
 Method:
@@ -50,6 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from accounting.errors import AccountingError
 from attacks import metrics as mt
 from attacks.canaries import (
     ATTACK_RECORDS_FILE,
@@ -63,6 +67,7 @@ from attacks.scores import loss_reduction, loss_score, per_record_loss, referenc
 from dpfed.config import RunConfig
 from dpfed.jsonio import read_json_object
 from dpfed.errors import ConfigError, DataError
+from dpfed.rundir_check import VerifiedLedgers, verify_run_ledgers
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +212,12 @@ def build_model(files: RunFiles, *, device: torch.device | str = "cpu"
 # --------------------------------------------------------------------------------------------
 
 
-def read_claim(files: RunFiles) -> dict[str, Any]:
-    """What the run claims, read from summary.json, budget.json and (epsilon) the ledger's events."""
+def read_claim(files: RunFiles, *, ledgers: VerifiedLedgers | None = None) -> dict[str, Any]:
+    """What the run claims, read from summary.json, budget.json and (epsilon) the ledger's events.
+
+    ``ledgers``: the run's ledgers as :func:`dpfed.rundir_check.verify_run_ledgers` returned them;
+    verified here (without a key) when not given.
+    """
     s, cfg = files.summary, files.cfg
     dp = bool(cfg.privacy.enabled) and s.get("epsilon_spent") is not None
     claim: dict[str, Any] = {
@@ -253,24 +262,22 @@ def read_claim(files: RunFiles) -> dict[str, Any]:
         if cfg.privacy.enabled:
             raise DataError(f"{files.run_dir / 'summary.json'}: a DP run must record epsilon_spent, got None")
         return claim
-    ledger_path = files.run_dir / "ledger.jsonl"
-    if ledger_path.is_file():
-        from accounting.errors import AccountingError
-        from accounting.ledger import Ledger
-        from accounting.prv import epsilon as prv_epsilon
-
+    if ledgers is None:
         try:
-            ledger = Ledger(ledger_path)  # verifies every line of the hash chain; never writes
-            per_client = {c: prv_epsilon(ledger.events(c), delta=claim["delta"]).upper for c in ledger.clients()}
+            ledgers = verify_run_ledgers(files.run_dir)  # never creates or writes a ledger
         except AccountingError as exc:
-            raise DataError(f"{ledger_path}: {exc}") from None
+            raise DataError(str(exc)) from None
+    claim["ledger_checks"] = list(ledgers.checks)
+    if ledgers.ledger is not None:
+        per_client = {c: ledgers.epsilon(c, delta=claim["delta"]) for c in ledgers.ledger.clients()}
         if per_client:
             claim["epsilon"] = max(per_client.values())
             claim["epsilon_per_client"] = per_client
             claim["epsilon_source"] = "ledger.jsonl (PRV upper bound, max over clients)"
     if claim["epsilon"] is None:
         claim["epsilon"] = float(s["epsilon_spent"])
-        claim["epsilon_source"] = "summary.json epsilon_spent"
+        claim["epsilon_source"] = ("summary.json epsilon_spent" if ledgers.ledger is not None else
+                                   "summary.json epsilon_spent (no ledger in the run directory: not verified)")
     return claim
 
 
@@ -420,23 +427,27 @@ def audit_run(
     k_fraction: float = DEFAULT_K_FRACTION,
     device: str = "cpu",
     batch_size: int = 64,
+    ledger_key: bytes | None = None,
 ) -> dict[str, Any]:
     """Audit the run in ``run_dir``; returns the JSON-ready result that :mod:`attacks.report` writes.
 
     ``k = max(1, floor(k_fraction * m))`` guesses per side are fixed here, from ``m`` alone, before
-    any canary is scored. Raises DataError for a missing or corrupt run directory, ConfigError for
-    bad arguments.
+    any canary is scored. The run's ledgers are checked first (``ledger_key``: the key of keyed
+    ledgers, see :func:`accounting.ledger.load_key`). Raises DataError for a missing or corrupt run
+    directory, LedgerCheckError or an AccountingError for ledgers that disagree with the run
+    directory, ConfigError for bad arguments.
     """
     if not (isinstance(confidence, (int, float)) and 0.0 < confidence < 1.0):
         raise ConfigError(f"confidence must be in (0, 1), got {confidence!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    ledgers = verify_run_ledgers(run_dir, key=ledger_key)  # before anything is read from the claim
     files = load_run(run_dir)
     canaries = files.canaries
     k = guesses_per_side(canaries.m, k_fraction)  # fixed before any score exists
     if 2 * k > canaries.m:
         raise ConfigError(f"k_fraction {k_fraction} gives 2k = {2 * k} guesses for m = {canaries.m} canaries")
-    claim = read_claim(files)
+    claim = read_claim(files, ledgers=ledgers)
     delta = claim["delta"]
 
     from dpfed.adapters.lorasb import load_trainable_state

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from accounting.events import PoissonGaussianEvent
 from dpfed.adapters.lorasb import load_trainable_state, trainable_state
 from dpfed.data import TokenizedShard
 from dpfed.errors import BudgetError, PrivacyCheckError
+from dpfed.release import write_site_local
 from dpfed.privacy import (
     DPSGDParams,
     FixedGradientRecords,
@@ -29,6 +31,7 @@ from dpfed.privacy import (
     per_sample_gradients,
     per_sample_weight_gradients,
     poisson_sample,
+    sample_rate,
     zero_sums,
 )
 
@@ -56,14 +59,16 @@ class Budget:
 
 @dataclass(frozen=True)
 class ClientResult:
+    """What a site hands to the transport after a round: declared fields only (``dpfed.release``, channel
+    ``site_reply``). The site's own loss and realised sample count are not here: they go to its
+    site-local diagnostics file."""
+
     client_id: str
     round: int
     state: dict[str, torch.Tensor]
     num_examples: int
     events: tuple
     steps: int
-    sampled: int
-    mean_loss: float
 
 
 class Client:
@@ -73,7 +78,8 @@ class Client:
                  dp: DPSGDParams | None, sample_generator: torch.Generator,
                  noise_generator: torch.Generator | None, ledger=None, budget: Budget | None = None,
                  device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-                 noise_enabled: bool = True, fixed: FixedGradientRecords | None = None) -> None:
+                 noise_enabled: bool = True, fixed: FixedGradientRecords | None = None,
+                 diagnostics: Path | None = None) -> None:
         if len(shard) == 0:
             from dpfed.errors import DataError
 
@@ -92,6 +98,8 @@ class Client:
         # white-box audit canaries: records n_shard .. n-1 of this client, with fixed gradients
         self.fixed = fixed if fixed is not None and len(fixed) else None
         self._checked_change = False
+        # the site's own, un-noised diagnostics (loss, sample count): a mode-0600 file, never released
+        self.diagnostics = diagnostics
 
     @property
     def num_examples(self) -> int:
@@ -100,7 +108,7 @@ class Client:
 
     @property
     def sample_rate(self) -> float:
-        return min(1.0, self.training.batch_size / self.num_examples)
+        return sample_rate(self.training.batch_size, self.num_examples)
 
     def round_events(self) -> tuple:
         """The privacy events one round of local training spends (empty without DP)."""
@@ -128,7 +136,7 @@ class Client:
 
     def init_event(self, params: DPSGDParams) -> PoissonGaussianEvent:
         """The DP initialisation's mechanism for this client: one Poisson-subsampled Gaussian release."""
-        q = min(1.0, params.expected_batch_size / self.num_examples)
+        q = sample_rate(params.expected_batch_size, self.num_examples)
         return PoissonGaussianEvent(noise_multiplier=params.noise_multiplier, sample_rate=q, count=1)
 
     def init_contribution(self, model: nn.Module, adapters: dict, *, params: DPSGDParams,
@@ -196,9 +204,11 @@ class Client:
         if self.ledger is not None:
             for ev in events:  # write-ahead: fsynced before the payload leaves this method
                 self.ledger.append(client=self.client_id, round=round, event=ev)
-        mean_loss = float(torch.cat(losses).mean()) if losses else float("nan")
-        return ClientResult(self.client_id, round, trainable_state(model), self.num_examples, events,
-                            t.local_steps, sampled, mean_loss)
+        if self.diagnostics is not None:
+            mean_loss = float(torch.cat(losses).mean()) if losses else None
+            write_site_local(self.diagnostics, {"round": round, "client": self.client_id, "mean_loss": mean_loss,
+                                                "sampled": sampled, "steps": t.local_steps})
+        return ClientResult(self.client_id, round, trainable_state(model), self.num_examples, events, t.local_steps)
 
     def _batches(self, idx: torch.Tensor, microbatch: int | None = None):
         mb = microbatch or self.training.microbatch

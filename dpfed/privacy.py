@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from accounting.sampling import exact_rate, sample_rate  # noqa: F401  (re-exported: the rates poisson_sample draws)
 from dpfed.adapters.lorasb import per_sample_mode, per_sample_weight_mode
 from dpfed.errors import ConfigError, PrivacyCheckError
 
@@ -122,9 +123,15 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 
 
 def poisson_sample(n: int, q: float, *, generator: torch.Generator) -> torch.Tensor:
-    """Indices of a Poisson sample: each of ``n`` records independently with probability ``q``."""
-    mask = torch.rand(n, generator=generator, device=generator.device) < q
-    return torch.nonzero(mask, as_tuple=False).flatten().cpu()
+    """Indices of a Poisson sample: each of ``n`` records independently with probability ``q``.
+
+    Draws float64 uniforms on the CPU generator (k / 2**53, see :mod:`accounting.sampling`): a float32
+    draw would include a record with probability up to 6e-8 above the recorded q.
+    """
+    if generator.device.type != "cpu":
+        raise ValueError(f"the sampling generator must be a CPU generator, got one on {generator.device}")
+    mask = torch.rand(n, generator=generator, dtype=torch.float64) < q
+    return torch.nonzero(mask, as_tuple=False).flatten()
 
 
 def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: str) -> torch.Tensor:

@@ -11,6 +11,7 @@ from accounting.ledger import fsync_dir as _fsync_dir
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,11 +36,13 @@ from dpfed.adapters.lorasb import LoRASBLinear, load_trainable_state, trainable_
 from dpfed.aggregation import FedSBAggregator
 from dpfed.client import Budget, Client, LocalTraining
 from dpfed.config import RunConfig
-from dpfed.data import Splits, TokenizedShard, attach_prefix_cache, load_records, load_tokenizer, split_and_partition, tokenize
-from dpfed.errors import ConfigError, DataError
+from dpfed.data import (Splits, TokenizedShard, attach_prefix_cache, label_set, load_records, load_tokenizer, settle_labels,
+                        split_and_partition, tokenize)
+from dpfed.errors import ConfigError, DataError, Interrupted, RunComplete
 from dpfed.model import DEFAULT_TARGETS, SequenceClassifier, _layer_index, load_base, model_family, inject_lorasb, resolve_model_path, select_targets
 from dpfed.payload import FRAMING_BYTES, KIND_DOWN, KIND_UP, Manifest, encode
-from dpfed.privacy import DPSGDParams, make_generator, new_seed, per_example_loss
+from dpfed.privacy import DPSGDParams, exact_rate, make_generator, new_seed, per_example_loss, sample_rate
+from dpfed.release import SITE_LOCAL_DIR, release, unit_of
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,19 @@ def child_seed(seed: int, *path: int) -> int:
     return int(np.random.SeedSequence([seed, *path]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def site_generators(seed: int, index: int, rnd: int, *, history: int,
+                    device: torch.device | str = "cpu") -> tuple[torch.Generator, torch.Generator]:
+    """The sampling (CPU) and noise (``device``) generators of site ``index`` in round ``rnd``.
+
+    ``history`` is how many records the site's own ledger holds before the round: mixing it in
+    means a fixed seed never repeats its sampling and noise on the same ledger (a second run, or
+    a round redone after a crash), while an in-process site and a Flower site with the same seed
+    and ledger draw the same bits.
+    """
+    return (make_generator(child_seed(seed, 3, index, rnd, history)),
+            make_generator(child_seed(seed, 4, index, rnd, history), device))
+
+
 def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | None = None,
             data_from: Job | None = None) -> Job:
     """Validate the whole configuration against data and model and build the job. Writes nothing.
@@ -128,14 +144,26 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
     if data_from is not None:
         _check_reusable(cfg, data_from, split_seed)
     progress("setup", {"stage": "data"})
-    records = load_records(cfg.data, task=task) if data_from is None else None
+    data_notes: list[str] = []  # dropped records, declared public data: the CLI prints them
+    records = load_records(cfg.data, task=task, notes=data_notes) if data_from is None else None
+    public_file = (load_records(cfg.data, task=task, source=cfg.data.public_source, notes=data_notes)
+                   if data_from is None and cfg.data.public_source else None)
     heldout = None
     n_holdout = 0 if data_from is not None else (
         cfg.data.audit_holdout or (min(500, len(records) // 20) if cfg.data.canaries else 0))
     if n_holdout:  # non-members for the membership attacks, set aside before anything else
         perm = np.random.default_rng(child_seed(split_seed, 9)).permutation(len(records))
         heldout, records = records.subset(np.sort(perm[:n_holdout])), records.subset(np.sort(perm[n_holdout:]))
-    splits = split_and_partition(records, cfg.data, seed=split_seed) if data_from is None else data_from.splits
+    if data_from is None:
+        splits = split_and_partition(records, cfg.data, seed=split_seed, public=public_file)
+        # declared, or the test split's and public data's labels: never read from the private records
+        splits = settle_labels(splits, label_set(splits, cfg.data), cfg.data)
+        if heldout is not None:
+            heldout = heldout.relabel(splits.test.label_names, source=cfg.data.source, column=cfg.data.label_column)
+        progress("data", {"notes": data_notes + splits.public_notes()})
+    else:
+        splits = data_from.splits
+    label_names = splits.test.label_names if splits.test.labels is not None else ()
     progress("setup", {"stage": "model"})
     path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(path) if data_from is None else data_from.tokenizer
@@ -145,7 +173,7 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
         # imported lazily: only audited runs need the attacks package
         from attacks.canaries import make_canaries, plant
 
-        canaries = make_canaries(m=cfg.data.canaries, label_names=records.label_names or None,
+        canaries = make_canaries(m=cfg.data.canaries, label_names=label_names or None,
                                  num_clients=cfg.data.num_clients, seed=child_seed(split_seed, 6), tokenizer=tokenizer)
         splits = plant(splits, canaries, seed=child_seed(split_seed, 7))
     if heldout is not None:
@@ -153,9 +181,11 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
 
         attack_records = choose_attack_records(splits, heldout=heldout, n=len(heldout), seed=child_seed(split_seed, 8),
                                                canaries=canaries)  # None for gradient canaries: they have no text
-    label_source = records if data_from is None else data_from.splits.test
-    num_labels = len(label_source.label_names) if label_source.labels is not None else 0
+    num_labels = len(label_names)
     model = load_base(cfg.model.name, task=task, num_labels=max(num_labels, 2))
+    if isinstance(model, SequenceClassifier) and label_names:  # the label <-> head index mapping, for the export
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {name: i for i, name in enumerate(label_names)}
     model_type = getattr(model.config, "model_type", "")
     targets = cfg.model.target_modules or DEFAULT_TARGETS[model_family(model_type)]
     names = select_targets(model, tuple(targets), cfg.model.adapt_layers)
@@ -195,16 +225,20 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
         sigma = cfg.privacy.noise_multiplier or calibrate(cfg, sizes)
     progress("setup", {"stage": "init", "strategy": cfg.init.strategy})
     gen = make_generator(child_seed(seed, 2))
-    init_info: dict[str, float] = {}
+    init_info: dict[str, Any] = {"public_records": len(splits.public)}
     init_head_random(model, generator=gen)
     lorasb_init = cfg.init.strategy if method_name == "fed-sb" else None  # LoRA baselines: PEFT's init (in inject_lora)
     needs_public = lorasb_init == "public" or (cfg.init.head == "public" and isinstance(model, SequenceClassifier))
     public = tokenize(splits.public, tokenizer, max_length=ml) if needs_public else None
     if public is not None and len(public) == 0:
-        raise DataError("init needs public records, got 0 (raise data.public_fraction, or use init strategy/head 'random')")
+        which = " and ".join(k for k, v in (("init.strategy", lorasb_init), ("init.head", cfg.init.head)) if v == "public")
+        raise DataError(f"{which} 'public' needs records declared public, got 0: declare them with --public-data FILE "
+                        f"(data.public_source) or --public-fraction F (data.public_fraction), or use 'random'")
     if cfg.init.head == "public" and isinstance(model, SequenceClassifier):
         init_info.update(fit_head_public(model, public, examples=cfg.init.public_examples, epochs=cfg.init.head_epochs,
                                          generator=gen, device=device))
+    if isinstance(model, SequenceClassifier):  # where the classification head came from (the CLI prints it)
+        init_info["head_source"] = splits.public_origin() if cfg.init.head == "public" else "random (data-free)"
     if lorasb_init is None:
         init_info["lora_init"] = 1.0  # A Kaiming-uniform from the run seed, B = 0 (PEFT's default)
     elif lorasb_init == "random":
@@ -280,15 +314,15 @@ def calibrate(cfg: RunConfig, sizes: list[int]) -> float:
 
     steps = cfg.train.rounds * cfg.train.local_steps
     if cfg.init.strategy != "dp":
-        workloads = [(min(1.0, cfg.train.batch_size / n), steps) for n in sizes]
+        workloads = [(sample_rate(cfg.train.batch_size, n), steps) for n in sizes]
         return calibrate_noise(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, workloads=workloads)
     sigmas = []
     for n in sorted(set(sizes)):  # the init event differs per client size: plan each distinct size
         init_ev = PoissonGaussianEvent(noise_multiplier=cfg.init.dp_noise_multiplier,
-                                       sample_rate=min(1.0, cfg.init.dp_batch_size / n), count=1)
+                                       sample_rate=sample_rate(cfg.init.dp_batch_size, n), count=1)
         try:
             sigmas.append(calibrate_noise(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
-                                          workloads=[(min(1.0, cfg.train.batch_size / n), steps)], fixed_events=[init_ev]))
+                                          workloads=[(sample_rate(cfg.train.batch_size, n), steps)], fixed_events=[init_ev]))
         except AccountingInputError:
             raise ConfigError(f"init.dp_noise_multiplier must leave budget for training: the DP initialisation alone "
                               f"spends the whole epsilon {cfg.privacy.epsilon:g} for a client of {n} records, "
@@ -317,6 +351,7 @@ def evaluate(model: nn.Module, data: TokenizedShard, *, task: str, device: torch
 
 
 RUN_JSON = "run.json"
+LABELS_JSON = "labels.json"
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
 LEDGER = "ledger.jsonl"
@@ -336,7 +371,7 @@ def client_noise_multiplier(cfg: RunConfig) -> float:
     from accounting.planning import calibrate_noise
 
     return calibrate_noise(target_epsilon=p.client_epsilon, delta=delta,
-                           workloads=[(cfg.train.client_fraction, cfg.train.rounds)], unit="client")
+                           workloads=[(exact_rate(cfg.train.client_fraction), cfg.train.rounds)], unit="client")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -374,7 +409,7 @@ def save_checkpoint(run_dir: Path, *, round: int, global_state: dict[str, torch.
     tensors = {f"trainable/{k}": v.detach().cpu().contiguous() for k, v in global_state.items()}
     for name, value in frozen.items():  # the method's frozen but run-specific tensors (B, A; folded W0)
         tensors[f"frozen/{name}"] = value.detach().cpu().contiguous()
-    meta = {"round": round, **meta}
+    meta = release("checkpoint", {"round": round, **meta}, unit="both")  # every field is releasable under every unit
     _atomic_write(run_dir / CHECKPOINT, save(tensors, metadata={"dpfed": json.dumps(meta)}))
     write_json(run_dir / CHECKPOINT_JSON, meta)
 
@@ -386,10 +421,16 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise ConfigError(f"{path}: no checkpoint (the run stopped before its first round began); start a new run")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = json.loads((fh.metadata() or {})["dpfed"])
-        trainable = {k[len("trainable/"):]: fh.get_tensor(k) for k in fh.keys() if k.startswith("trainable/")}
-        frozen = {k[len("frozen/"):]: fh.get_tensor(k) for k in fh.keys() if k.startswith("frozen/")}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["dpfed"])
+            trainable = {k[len("trainable/"):]: fh.get_tensor(k) for k in fh.keys() if k.startswith("trainable/")}
+            frozen = {k[len("frozen/"):]: fh.get_tensor(k) for k in fh.keys() if k.startswith("frozen/")}
+    except Exception as exc:  # SafetensorError, OSError, a missing or bad metadata entry: all mean a damaged file
+        raise ConfigError(f"{path}: the checkpoint is damaged and cannot be read ({type(exc).__name__}); the ledger "
+                          f"still holds every spent event: start a new run (dpfed budget {run_dir} shows the spend)") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("round"), int):
+        raise ConfigError(f"{path}: the checkpoint's metadata must carry its round, got {meta!r:.80}")
     return meta, trainable, frozen
 
 
@@ -398,7 +439,8 @@ def _head(ledger) -> list:
     return [seq, digest]
 
 
-def _open_ledger(path: Path, expected_head: list | None, fallback_events: Callable[[], list[tuple[str, int, Any]]]):
+def _open_ledger(path: Path, expected_head: list | None, fallback_events: Callable[[], list[tuple[str, int, Any]]], *,
+                 key: bytes | None = None):
     """Open a ledger for resuming; repair a torn last line conservatively (its event stays counted).
 
     A complete torn fragment is re-appended as it was; an unparsable one is replaced by
@@ -408,27 +450,113 @@ def _open_ledger(path: Path, expected_head: list | None, fallback_events: Callab
     from accounting.ledger import REAPPEND_NOTE, Ledger, reappend_torn
 
     try:
-        ledger = Ledger(path)
+        ledger = Ledger(path, key=key)
     except LedgerCorruptError as exc:
         if "truncated last line" not in str(exc):
             raise
-        ledger, torn = Ledger.recover(path)
+        ledger, torn = Ledger.recover(path, key=key)
         if torn is not None and reappend_torn(ledger, torn) is None:
             for client, rnd, event in fallback_events():
                 ledger.append(client=client, round=rnd, event=event, note=REAPPEND_NOTE)
     if expected_head is not None:
-        Ledger(path, expected_head=(int(expected_head[0]), str(expected_head[1])))  # lines lost at the end?
+        Ledger(path, expected_head=(int(expected_head[0]), str(expected_head[1])), key=key)  # lines lost at the end?
     return ledger
 
 
-def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any]:
-    """Train for the configured rounds; write the run directory; return the summary."""
+def run(job: Job, run_dir: Path, *, progress: Progress = _noop, ledger_key: bytes | None = None,
+        claimed: bool | None = None) -> dict[str, Any]:
+    """Train for the configured rounds; write the run directory; return the summary.
+
+    The noise-free twin of ``dpfed compare`` (``job.noise_enabled`` False) releases no noised
+    value, so it claims nothing: its ledger lives in a scratch folder that is deleted afterwards
+    (it only keeps the per-site draws equal to the noised run's), it writes no ``budget.json``,
+    and its summary has no ε.
+
+    ``claimed``: None to claim ``run_dir`` here; otherwise the caller already claimed it with
+    :func:`claim_run_dir`, which returned this value (whether it created the directory).
+    """
+    run_dir = Path(run_dir)
+    created = claim_run_dir(run_dir) if claimed is None else claimed  # claimed: the caller claimed it (True: created)
+    try:
+        if not job.noise_enabled:
+            with tempfile.TemporaryDirectory(prefix="dpfed-twin-ledger-") as scratch:
+                return _run(job, run_dir, ledger_dir=Path(scratch), progress=progress, ledger_key=None)
+        return _run(job, run_dir, ledger_dir=run_dir, progress=progress, ledger_key=ledger_key)
+    except KeyboardInterrupt:
+        raise _interrupted(run_dir, created=created) from None
+
+
+CLAIM = ".dpfed-claim"  # created with O_EXCL in a run directory before any work: one run per directory
+
+
+def claim_run_dir(run_dir: Path) -> bool:
+    """Make ``run_dir`` this run's before any work: a new directory, or an existing empty one; True if created here.
+
+    The claim is a marker file created with ``O_EXCL``: of two runs started on the same ``--out``,
+    the second gets a one-line error at once. An empty directory the user made is used as it
+    is and never removed.
+    """
+    run_dir = Path(run_dir)
+    created = False
+    if not run_dir.exists():
+        try:
+            run_dir.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            pass  # another run made it a moment ago: the claim below decides
+        except OSError as exc:
+            raise ConfigError(f"out must be a directory dpfed can create, got '{run_dir}' ({exc.strerror})") from None
+    if not run_dir.is_dir() or (not created and any(p.name != CLAIM for p in run_dir.iterdir())):
+        raise ConfigError(f"out must be a new or empty directory, got existing '{run_dir}'")
+    try:
+        os.close(os.open(run_dir / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        raise ConfigError(f"out must not be in use by another run, got '{run_dir}' (it holds {CLAIM})") from None
+    except OSError as exc:
+        if created:
+            run_dir.rmdir()
+        raise ConfigError(f"out must be a writable directory, got '{run_dir}' ({exc.strerror})") from None
+    return created
+
+
+def release_claim(run_dir: Path, *, created: bool) -> None:
+    """Undo :func:`claim_run_dir` when nothing else was written (setup failed): remove only what dpfed made."""
+    run_dir = Path(run_dir)
+    (run_dir / CLAIM).unlink(missing_ok=True)
+    if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def _interrupted(run_dir: Path, *, created: bool) -> Interrupted:
+    """Leave ``run_dir`` resumable, or remove what this run created when nothing is resumable and nothing was spent."""
+    if (run_dir / CHECKPOINT_JSON).is_file():
+        try:
+            rnd = int(json.loads((run_dir / CHECKPOINT_JSON).read_text())["round"])
+        except (OSError, ValueError, KeyError, TypeError):
+            rnd = None
+        if rnd is not None and (run_dir / RUN_JSON).is_file():
+            return Interrupted(f"interrupted after round {rnd}; resume with: dpfed train --resume {run_dir}",
+                               run_dir=run_dir, round=rnd)
+    spent = sum(1 for name in (LEDGER, SERVER_LEDGER) if (run_dir / name).is_file() and (run_dir / name).stat().st_size)
+    if spent:  # the ledger holds released events: keep it (dpfed budget reads it), say the run cannot resume
+        return Interrupted(f"interrupted during setup, after privacy was spent (see dpfed budget {run_dir}); this "
+                           f"directory cannot be resumed: start a new run with another --out", run_dir=run_dir, round=None)
+    for child in sorted(run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        child.unlink() if not child.is_dir() or child.is_symlink() else child.rmdir()
+    if created:
+        run_dir.rmdir()
+    return Interrupted(f"interrupted during setup; nothing was spent and {run_dir} was "
+                       f"{'removed' if created else 'emptied'}", run_dir=run_dir, round=None)
+
+
+def _run(job: Job, run_dir: Path, *, ledger_dir: Path, progress: Progress, ledger_key: bytes | None) -> dict[str, Any]:
     from accounting.ledger import Ledger
 
     cfg = job.cfg
-    run_dir.mkdir(parents=True, exist_ok=False)
     config_text = config_mod.to_yaml(cfg)
     (run_dir / "config.yaml").write_text(config_text)
+    if job.splits.test.labels is not None:  # head index -> label (declared, or from the test split and public data)
+        write_json(run_dir / LABELS_JSON, {str(i): name for i, name in enumerate(job.splits.test.label_names)})
     if job.canaries is not None:
         from attacks.canaries import save_canaries
 
@@ -437,15 +565,15 @@ def run(job: Job, run_dir: Path, *, progress: Progress = _noop) -> dict[str, Any
         from attacks.canaries import save_attack_records
 
         save_attack_records(run_dir / "attack_records.json", job.attack_records)
-    if job.dp or job.client_dp:
+    if (job.dp or job.client_dp) and job.noise_enabled:
         budget_info: dict[str, Any] = {"accountant": "prv"}
         if job.dp:
             budget_info.update(epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, privacy_unit="record")
         if job.client_dp:
             budget_info["client_level"] = {"epsilon": cfg.privacy.client_epsilon, "delta": cfg.privacy.client_delta_value}
         write_json(run_dir / "budget.json", budget_info)
-    ledger = Ledger(run_dir / LEDGER)
-    server_ledger = Ledger(run_dir / SERVER_LEDGER) if job.client_dp else None
+    ledger = Ledger(ledger_dir / LEDGER, key=ledger_key)
+    server_ledger = Ledger(ledger_dir / SERVER_LEDGER, key=ledger_key) if job.client_dp else None
     if cfg.data.canary_clients:
         from attacks.client_canaries import CANARY_CLIENTS_FILE, save
 
@@ -481,8 +609,12 @@ def _canary_clients(job: Job):
                                seed=child_seed(job.split_seed, 10))
 
 
-def make_clients(job: Job, *, ledger, seed: int) -> list[Client]:
-    """One :class:`Client` per shard, with generators derived from ``seed`` and the job's gradient canaries."""
+def make_clients(job: Job, *, ledger, seed: int, diagnostics_dir: Path | None = None) -> list[Client]:
+    """One :class:`Client` per shard, with generators derived from ``seed`` and the job's gradient canaries.
+
+    ``diagnostics_dir``: where each simulated site keeps its own un-noised diagnostics (mode 0600,
+    outside the guarantee; never released).
+    """
     cfg = job.cfg
     budget = Budget(cfg.privacy.epsilon, cfg.privacy.delta) if job.dp else None
     training = LocalTraining(local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
@@ -496,7 +628,8 @@ def make_clients(job: Job, *, ledger, seed: int) -> list[Client]:
                               sample_generator=make_generator(child_seed(seed, 3, i)),
                               noise_generator=make_generator(child_seed(seed, 4, i), job.device) if job.dp else None,
                               ledger=ledger, budget=budget, device=job.device, autocast_dtype=job.autocast_dtype,
-                              noise_enabled=job.noise_enabled, fixed=fixed[i]))
+                              noise_enabled=job.noise_enabled, fixed=fixed[i],
+                              diagnostics=None if diagnostics_dir is None else diagnostics_dir / f"client-{i:03d}.jsonl"))
     return clients
 
 
@@ -513,9 +646,10 @@ def _dp_init(job: Job, ledger) -> dict[str, float]:
     zero_factors(job.adapters)  # the estimate is taken at W0
     total: dict[str, torch.Tensor] = {}
     for i, c in enumerate(clients):
-        part = c.init_contribution(job.model, job.adapters, params=params,
-                                   sample_generator=make_generator(child_seed(job.seed, 3, i, 0)),
-                                   noise_generator=make_generator(child_seed(job.seed, 4, i, 0), job.device))
+        sample_gen, noise_gen = site_generators(job.seed, i, 0, history=len(ledger.events(c.client_id)),
+                                                device=job.device)
+        part = c.init_contribution(job.model, job.adapters, params=params, sample_generator=sample_gen,
+                                   noise_generator=noise_gen)
         for n, v in part.items():
             total[n] = total[n] + v if n in total else v
     factors_from_gradient(job.adapters, total, lr=job.cfg.init.lr, generator=make_generator(child_seed(job.seed, 2, 1)))
@@ -529,10 +663,11 @@ def _dp_init(job: Job, ledger) -> dict[str, float]:
 def checkpoint_meta(run_dir: Path, ledger, server_ledger) -> dict[str, Any]:
     """What a checkpoint records besides the states: the ledgers' head hashes and the config's hash."""
     return {"ledger_head": _head(ledger), "server_ledger_head": _head(server_ledger) if server_ledger else None,
-            "config_sha256": sha256_hex((run_dir / "config.yaml").read_bytes())}
+            "config_sha256": sha256_hex((run_dir / "config.yaml").read_bytes()), "ledger_keyed": ledger.keyed}
 
 
-def resume(run_dir: Path, *, progress: Progress = _noop, device: str | None = None) -> dict[str, Any]:
+def resume(run_dir: Path, *, progress: Progress = _noop, device: str | None = None,
+           ledger_key: bytes | None = None) -> dict[str, Any]:
     """Continue a run from its last checkpoint and its ledgers; return the new summary.
 
     Rounds the ledger holds beyond the checkpoint (a crash after a client appended its events
@@ -543,6 +678,10 @@ def resume(run_dir: Path, *, progress: Progress = _noop, device: str | None = No
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / RUN_JSON).is_file():
         raise ConfigError(f"--resume must name a run directory with config.yaml and {RUN_JSON}, got '{run_dir}'")
+    if (run_dir / "summary.json").is_file():  # written only when a run ends (all rounds, or a budget stop)
+        from dpfed.jsonio import read_json_object
+
+        raise RunComplete(run_dir, read_json_object(run_dir / "summary.json", what="summary"))
     config_text = (run_dir / "config.yaml").read_bytes()
     info = json.loads((run_dir / RUN_JSON).read_text())
     meta, trainable, frozen = load_checkpoint(run_dir)
@@ -569,16 +708,21 @@ def resume(run_dir: Path, *, progress: Progress = _noop, device: str | None = No
     from accounting.events import PoissonGaussianEvent
 
     def in_flight_record() -> list[tuple[str, int, Any]]:
-        evs = [] if not job.dp else [PoissonGaussianEvent(noise_multiplier=job.noise_multiplier, sample_rate=min(
-            1.0, cfg.train.batch_size / n), count=cfg.train.local_steps) for n in job.population_sizes()]
+        evs = [] if not job.dp else [PoissonGaussianEvent(noise_multiplier=job.noise_multiplier, sample_rate=sample_rate(
+            cfg.train.batch_size, n), count=cfg.train.local_steps) for n in job.population_sizes()]
         return [(f"client-{i:03d}", start, ev) for i, ev in enumerate(evs)]
 
     def in_flight_server() -> list[tuple[str, int, Any]]:
         return [(SERVER_ID, start, _server_event(job))]
 
-    ledger = _open_ledger(run_dir / LEDGER, meta["ledger_head"], in_flight_record)
-    server_ledger = (_open_ledger(run_dir / SERVER_LEDGER, meta.get("server_ledger_head"), in_flight_server)
-                     if job.client_dp else None)
+    ledger = _open_ledger(run_dir / LEDGER, meta["ledger_head"], in_flight_record, key=ledger_key)
+    server_ledger = (_open_ledger(run_dir / SERVER_LEDGER, meta.get("server_ledger_head"), in_flight_server,
+                                  key=ledger_key) if job.client_dp else None)
+    if ledger.keyed and not ledger.mac_verified:
+        raise ConfigError(f"--ledger-key must be given to resume {run_dir}: its ledger is keyed (HMAC), got no key")
+    from dpfed.rundir_check import verify_run_ledgers
+
+    verify_run_ledgers(run_dir, key=ledger_key)  # a torn line is repaired above; the rest must agree with the checkpoint
     if job.dp:  # refuse at once if the ledger already holds more than the budget
         from accounting.prv import epsilon as prv_epsilon
 
@@ -591,9 +735,12 @@ def resume(run_dir: Path, *, progress: Progress = _noop, device: str | None = No
     _truncate_metrics(run_dir / "metrics.jsonl", last_round=start - 1)
     eval0 = info.get("initial_eval") or {}
     log.info("resuming %s at round %d (ledger holds %d records)", run_dir, start, len(ledger))
-    return _train(job, run_dir, ledger=ledger, server_ledger=server_ledger, global_state=trainable_state(job.model),
-                  start_round=start, seed=job.seed, eval0=eval0, progress=progress,
-                  resumed={"from_round": start - 1, "ledger_records": len(ledger)})
+    try:
+        return _train(job, run_dir, ledger=ledger, server_ledger=server_ledger, global_state=trainable_state(job.model),
+                      start_round=start, seed=job.seed, eval0=eval0, progress=progress,
+                      resumed={"from_round": start - 1, "ledger_records": len(ledger)})
+    except KeyboardInterrupt:
+        raise _interrupted(run_dir, created=False) from None
 
 
 def _truncate_metrics(path: Path, *, last_round: int) -> None:
@@ -613,7 +760,7 @@ def _truncate_metrics(path: Path, *, last_round: int) -> None:
 def _server_event(job: Job):
     from accounting.events import PoissonGaussianEvent
 
-    return PoissonGaussianEvent(noise_multiplier=job.client_noise_multiplier, sample_rate=job.cfg.train.client_fraction,
+    return PoissonGaussianEvent(noise_multiplier=job.client_noise_multiplier, sample_rate=exact_rate(job.cfg.train.client_fraction),
                                 count=1, unit="client")
 
 
@@ -631,8 +778,8 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
 
     cfg, model, device = job.cfg, job.model, job.device
     t_start = time.time()
-    clients = make_clients(job, ledger=ledger, seed=seed)
-    q_client = cfg.train.client_fraction
+    clients = make_clients(job, ledger=ledger, seed=seed, diagnostics_dir=run_dir / SITE_LOCAL_DIR)
+    q_client = exact_rate(cfg.train.client_fraction)  # numpy's random() draws k / 2**53: exactly q on the grid
     if job.client_dp:  # DP-FedAvg: uniform weights, Poisson client sampling at rate q, fixed denominator q·N
         aggregator: Any = ClientLevelDP(FedSBAggregator(weighting="uniform"), clip=cfg.privacy.client_clip,
                                         noise_multiplier=job.client_noise_multiplier,
@@ -641,6 +788,7 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
         aggregator = job.method
     canary_clients = _canary_clients(job) if cfg.data.canary_clients else None
     manifest = Manifest.of(global_state)
+    up_size = len(encode(global_state, manifest, round=0, kind=KIND_UP))  # fixed by the manifest
     down_state = global_state  # what the server sends at the start of the next round (method-specific)
     agg_errors: list[float] = []
     per_round = max(1, int(math.ceil(q_client * len(clients))))
@@ -655,9 +803,10 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
     for rnd in range(start_round, cfg.train.rounds + 1):
         # per-round seeds: a run resumed at any round draws what an uninterrupted one would
         for i, c in enumerate(clients):
-            c.sample_generator = make_generator(child_seed(seed, 3, i, rnd))
+            c.sample_generator, noise = site_generators(seed, i, rnd, history=len(ledger.events(c.client_id)),
+                                                        device=device)
             if job.dp:
-                c.noise_generator = make_generator(child_seed(seed, 4, i, rnd), device)
+                c.noise_generator = noise
         select_gen = np.random.default_rng(child_seed(seed, 5, rnd))
         if job.client_dp:  # Poisson: each client independently with probability q (the accounting needs it)
             chosen = [i for i in range(len(clients)) if select_gen.random() < q_client]
@@ -707,35 +856,40 @@ def _train(job: Job, run_dir: Path, *, ledger, server_ledger, global_state: dict
             agg = aggregator.aggregate(states, sizes, round=rnd)  # folds into W0 where the method does
             global_state, down_state = agg.state, agg.down
             agg_errors.append(agg.error)
-        save_checkpoint(run_dir, round=rnd, global_state=global_state, frozen=job.method.frozen_state(),
-                        meta=checkpoint_meta(run_dir, ledger, server_ledger))
         bytes_up.extend(ups)
         load_trainable_state(model, global_state)
         ev = evaluate(model, job.test, task=cfg.model.task, device=device, batch_size=cfg.train.eval_batch_size,
                       autocast_dtype=job.autocast_dtype)
         last_eval = ev
+        claims = job.noise_enabled  # the noise-free twin claims no ε
         eps_clients = {c.client_id: prv_epsilon(ledger.events(c.client_id), delta=cfg.privacy.delta).upper
-                       for c in clients} if job.dp else {}
-        line = {"round": rnd, "clients": [clients[i].client_id for i in chosen],
-                "train_loss": float(np.mean([r.mean_loss for r in results])) if results else None, **ev,
-                "epsilon_spent": max(eps_clients.values()) if eps_clients else None,
-                "bytes_up": sum(ups), "bytes_down": len(down) * len(chosen),
-                "aggregation_error": agg_errors[-1] if results and not job.client_dp else None,
-                "seconds": time.time() - t_round}
-        if job.client_dp:
-            line["client_level_epsilon"] = _client_level_epsilon(job, server_ledger)
-            line["client_update_norms"] = aggregator.last_norms
+                       for c in clients} if job.dp and claims else {}
+        # through the release boundary: under client-level DP the sampled sites, their count and anything
+        # computed from single sites' updates are withheld (dpfed.release declares every field)
+        line = release("metrics", {
+            "round": rnd, "clients": [clients[i].client_id for i in chosen], **ev,
+            "epsilon_spent": max(eps_clients.values()) if eps_clients else None,
+            "bytes_up": sum(ups), "bytes_down": len(down) * len(chosen), "bytes_up_per_site": up_size,
+            "aggregation_error": agg_errors[-1] if results and not job.client_dp else None,
+            "seconds": time.time() - t_round,
+            **({"client_level_epsilon": _client_level_epsilon(job, server_ledger)} if job.client_dp and claims else {}),
+        }, unit=unit_of(cfg))
         with metrics_path.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        # the round's metrics line first, then its checkpoint: an interruption between the two leaves a line
+        # that resume drops (it redoes the round), never a checkpointed round without its line
+        save_checkpoint(run_dir, round=rnd, global_state=global_state, frozen=job.method.frozen_state(),
+                        meta=checkpoint_meta(run_dir, ledger, server_ledger))
         rounds_done = rnd
         progress("round", line)
     job.method.export(run_dir / "adapter", task=cfg.model.task, base_model=cfg.model.name)
-    eps_clients = {c.client_id: prv_epsilon(ledger.events(c.client_id), delta=cfg.privacy.delta) for c in clients} if job.dp else {}
+    eps_clients = ({c.client_id: prv_epsilon(ledger.events(c.client_id), delta=cfg.privacy.delta) for c in clients}
+                   if job.dp and job.noise_enabled else {})
     trainable = sum(v.numel() for v in global_state.values())
     client_level = None
-    if job.client_dp:
+    if job.client_dp and job.noise_enabled:
         client_level = {
             "guarantee": "client-level DP (DP-FedAvg): adding or removing one client's whole data",
             "epsilon": _client_level_epsilon(job, server_ledger), "delta": cfg.privacy.client_delta_value,
@@ -759,20 +913,34 @@ def build_summary(job: Job, *, eps_clients: dict[str, Any], sample_rates: dict[s
                   agg_errors: list[float], trainable: int, t_start: float,
                   client_level: dict[str, Any] | None = None) -> dict[str, Any]:
     """``summary.json`` of a finished run (the in-process runner and the Flower server write the same keys)."""
+    return release("summary", _summary_fields(job, eps_clients=eps_clients, sample_rates=sample_rates,
+                                              client_sizes=client_sizes, clients_per_round=clients_per_round,
+                                              rounds_done=rounds_done, stop_reason=stop_reason, resumed=resumed,
+                                              eval0=eval0, last_eval=last_eval, bytes_up=bytes_up,
+                                              bytes_down=bytes_down, agg_errors=agg_errors, trainable=trainable,
+                                              t_start=t_start, client_level=client_level),
+                   unit=unit_of(job.cfg))
+
+
+def _summary_fields(job: Job, *, eps_clients, sample_rates, client_sizes, clients_per_round, rounds_done, stop_reason,
+                    resumed, eval0, last_eval, bytes_up, bytes_down, agg_errors, trainable, t_start,
+                    client_level) -> dict[str, Any]:
     cfg = job.cfg
     record_label = "record-level DP per client (local DP-SGD)"
+    claims = cfg.privacy.enabled and job.noise_enabled
     privacy = ("none (--no-dp): no privacy guarantee" if not cfg.privacy.enabled else
+               "none (noise-free twin of dpfed compare): no privacy guarantee" if not job.noise_enabled else
                {"record": record_label, "client": "client-level DP only (DP-FedAvg, trusted server)",
                 "both": record_label + " and, separately, client-level DP (DP-FedAvg, trusted server)"}[cfg.privacy.unit])
     return {
         "method": cfg.train.method,
         "privacy": privacy,
-        "privacy_unit": cfg.privacy.unit if cfg.privacy.enabled else None,
-        "epsilon_target": cfg.privacy.epsilon if job.dp else None,
-        "delta": cfg.privacy.delta if job.dp else None,
+        "privacy_unit": cfg.privacy.unit if claims else None,
+        "epsilon_target": cfg.privacy.epsilon if job.dp and claims else None,
+        "delta": cfg.privacy.delta if job.dp and claims else None,
         "epsilon_spent": max(e.upper for e in eps_clients.values()) if eps_clients else None,
         "epsilon_per_client": {k: e.upper for k, e in eps_clients.items()},
-        "accountant": "prv (upper bound)" if job.dp else None,
+        "accountant": "prv (upper bound)" if job.dp and claims else None,
         "noise_multiplier": job.noise_multiplier,
         "clip": cfg.privacy.clip if job.dp else None,
         "client_level": client_level,

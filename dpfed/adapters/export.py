@@ -2,6 +2,9 @@
 
 PEFT's LoRA computes ``W0 x + (alpha / r) · lora_B lora_A x``. With ``alpha = r`` (scaling 1),
 ``lora_B = scale · B R`` (d_out, r) and ``lora_A = A`` (r, d_in) give exactly ``W0 + scale · B R A``.
+
+A classifier's export carries its label mapping (``id2label``, ``label2id``: head index ↔ label,
+as ``labels.json`` in the run directory) in ``adapter_config.json`` and in dpfed's own config file.
 """
 
 from __future__ import annotations
@@ -15,6 +18,30 @@ from torch import nn
 
 from dpfed.adapters.lorasb import LoRASBLinear
 from dpfed.model import SequenceClassifier
+
+
+def label_mapping(model: nn.Module) -> dict[str, dict]:
+    """``{"id2label": {"0": name, ...}, "label2id": {name: 0, ...}}`` of a classifier, ``{}`` otherwise.
+
+    The mapping is the run's label set, set on the model's config by :func:`dpfed.runner.prepare`.
+    """
+    if not isinstance(model, SequenceClassifier):
+        return {}
+    id2label = {int(i): str(n) for i, n in (getattr(model.config, "id2label", None) or {}).items()}
+    if sorted(id2label) != list(range(model.num_labels)):  # no mapping for this head (a model built outside prepare)
+        return {}
+    return {"id2label": {str(i): id2label[i] for i in sorted(id2label)},
+            "label2id": {id2label[i]: i for i in sorted(id2label)}}
+
+
+def _add_labels(peft_dir: Path, labels: dict[str, dict]) -> None:
+    """Add the label mapping to the saved ``adapter_config.json`` (stock PEFT ignores the two keys on load)."""
+    if not labels:
+        return
+    path = peft_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(labels)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def native_state(model: nn.Module, adapters: dict[str, LoRASBLinear]) -> dict[str, torch.Tensor]:
@@ -76,9 +103,11 @@ def export_adapters(model: nn.Module, adapters: dict[str, LoRASBLinear], out_dir
     meta = {"format": "dpfed-lorasb/1", "base_model": base_model, "task": task,
             "rank": next(iter(adapters.values())).rank, "scale": next(iter(adapters.values())).scale,
             "target_modules": list(adapters),
-            "load": "W = W0 + scale * B @ R @ A for each target module; head.* is the classification head"}
+            "load": "W = W0 + scale * B @ R @ A for each target module; head.* is the classification head",
+            **label_mapping(model)}
     (out_dir / "lorasb_config.json").write_text(json.dumps(meta, indent=2) + "\n")
     to_peft(model, adapters).save_pretrained(str(out_dir / "peft"))
+    _add_labels(out_dir / "peft", label_mapping(model))
 
 
 def export_lora(model: nn.Module, layers: dict[str, nn.Module], out_dir: Path, *, method: str, task: str,
@@ -122,6 +151,7 @@ def export_lora(model: nn.Module, layers: dict[str, nn.Module], out_dir: Path, *
             trained.weight.copy_(model.head.weight)
             trained.bias.copy_(model.head.bias)
     peft_model.save_pretrained(str(out_dir / "peft"))
+    _add_labels(out_dir / "peft", label_mapping(model))
     folded = any(float(d.abs().max()) > 0 for d in deltas.values())
     if folded:
         save_file({f"{n}.weight": d for n, d in deltas.items()}, str(out_dir / "base_delta.safetensors"))
@@ -129,5 +159,5 @@ def export_lora(model: nn.Module, layers: dict[str, nn.Module], out_dir: Path, *
             "lora_alpha": alpha, "target_modules": list(layers), "peft_adapter": "peft",
             "base_delta": "base_delta.safetensors" if folded else None,
             "load": ("add base_delta to the adapted layers' weights, then load the PEFT adapter" if folded
-                     else "load the PEFT adapter on the pretrained base")}
+                     else "load the PEFT adapter on the pretrained base"), **label_mapping(model)}
     (out_dir / "lora_config.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -41,7 +41,7 @@ def _register() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     from accounting.errors import AccountingError
-    from dpfed.errors import DpfedError
+    from dpfed.errors import DpfedError, Interrupted, RunComplete
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # third-party chatter (download/loading bars, load reports) would break the one-line error contract
@@ -57,6 +57,15 @@ def main(argv: list[str] | None = None) -> None:
     except (DpfedError, AccountingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_INPUT_ERROR)
+    except RunComplete as exc:  # --resume on a finished run: nothing changes
+        print(str(exc), file=sys.stderr)
+        sys.exit(0)
+    except Interrupted as exc:  # Ctrl-C: the run directory is resumable, or removed when nothing was spent
+        print(str(exc), file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

@@ -2,7 +2,8 @@
 
 Exit codes: 0 when the run is consistent with its claim or claims nothing (``--no-dp``), 3 when
 the audit's epsilon lower bound exceeds the claimed epsilon, 2 for a missing or corrupt run
-directory or a bad option.
+directory, ledgers that disagree with the run directory (checked first, see
+:mod:`dpfed.rundir_check`; ``--ledger-key`` also verifies a keyed ledger's MACs) or a bad option.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from accounting.ledger import load_key
 from dpfed.errors import ConfigError
 
 EXIT_VIOLATION = 3
@@ -26,6 +28,8 @@ def audit(
     confidence: Annotated[float, typer.Option(help="confidence level of the epsilon lower bound, in (0, 1)")] = 0.95,
     k_fraction: Annotated[float, typer.Option(help="guesses per side as a fraction of the canaries, in (0, 0.5]; fix it before auditing")] = 0.1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+    ledger_key: Annotated[Optional[Path], typer.Option(
+        "--ledger-key", help="key file of a keyed ledger (hex, mode 0600): verify every line's MAC too")] = None,
 ) -> None:
     """Audit a run's privacy claim with its canaries (one-run audit) and membership attacks on real records."""
     from attacks.audit import audit_run
@@ -37,7 +41,8 @@ def audit(
         raise ConfigError(f"confidence must be in (0, 1), got {confidence!r}")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
-    result = audit_run(run_dir, confidence=confidence, k_fraction=k_fraction, device=device)
+    key = load_key(ledger_key) if ledger_key is not None else None
+    result = audit_run(run_dir, confidence=confidence, k_fraction=k_fraction, device=device, ledger_key=key)
     paths = write_reports(result, out if out is not None else run_dir)
     if fmt == "json":
         typer.echo(json.dumps(to_jsonable(result), indent=2))

@@ -5,6 +5,10 @@ Reads ``RUN_DIR/ledger.jsonl`` (verified line by line, never modified) and
 "privacy_unit": "record"}``) and derives every client's epsilon from its events.
 A run with client-level DP also has ``server_ledger.jsonl`` and a ``"client_level":
 {"epsilon": E_c or null, "delta": D_c}`` entry; a client-level-only run has no record-level keys.
+
+Before reporting anything, the ledgers are checked against the rest of the run directory
+(:func:`dpfed.rundir_check.verify_run_ledgers`: checkpoint heads, run.json, summary.json);
+``--ledger-key FILE`` also verifies the MAC of every line of a keyed ledger.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
+from accounting.ledger import Ledger, load_key
 from dpfed.errors import ConfigError
+from dpfed.rundir_check import verify_run_ledgers
 
 LEDGER_NAME = "ledger.jsonl"
 SERVER_LEDGER_NAME = "server_ledger.jsonl"
@@ -87,17 +93,23 @@ def _ranges(values: list[int]) -> str:
 def budget(
     run_dir: Annotated[Path, typer.Argument(help="Run directory holding ledger.jsonl and budget.json.")],
     output_format: Annotated[str, typer.Option("--format", help="table (human) or json (machine).")] = "table",
+    ledger_key: Annotated[Optional[Path], typer.Option(
+        "--ledger-key", help="key file of a keyed ledger (hex, mode 0600): verify every line's MAC too.")] = None,
 ) -> None:
     """Per client: epsilon spent (upper bound, plus lower/estimate), epsilon remaining, rounds taken part in."""
     if output_format not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
     if not run_dir.is_dir():
         raise ConfigError(f"RUN_DIR must be a directory, got {str(run_dir)!r}")
+    key = load_key(ledger_key) if ledger_key is not None else None
     config = read_budget(run_dir / BUDGET_NAME)
+    verified = verify_run_ledgers(run_dir, key=key)  # never creates a ledger; one-line error on any mismatch
     result: dict[str, Any] = {"run_dir": str(run_dir), "accountant": config["accountant"]}
     rows: list[dict[str, Any]] = []
     if config["epsilon"] is not None:
-        rows = _record_rows(run_dir / LEDGER_NAME, config)
+        if verified.ledger is None:
+            raise ConfigError(f"{run_dir / LEDGER_NAME}: ledger not found (budget.json declares record-level DP)")
+        rows = _record_rows(verified.ledger, config)
         result.update({
             "epsilon_budget": config["epsilon"],
             "delta": config["delta"],
@@ -105,8 +117,14 @@ def budget(
             "max_epsilon": max((row["epsilon"] for row in rows), default=0.0),
             "clients": rows,
         })
-    client = _client_level(run_dir / SERVER_LEDGER_NAME, config) if config["client_level"] else None
+    client = None
+    if config["client_level"]:
+        if verified.server_ledger is None:
+            raise ConfigError(f"{run_dir / SERVER_LEDGER_NAME}: server ledger not found (budget.json declares "
+                              f"client-level DP)")
+        client = _client_level(verified.server_ledger, config)
     result["client_level"] = client
+    result["ledger_checks"] = verified.checks
     if output_format == "json":
         typer.echo(json.dumps(result, indent=2))
         return
@@ -139,15 +157,14 @@ def budget(
         table.add_row(client["account"], f"{client['epsilon']:.4f}", f"{lower} / {client['epsilon_estimate']:.4f}",
                       remaining, f"{client['num_rounds']} ({_ranges(client['rounds'])})")
         console.print(table)
+    for line in verified.checks:
+        console.print(f"checked: {line}", style="dim", highlight=False)
 
 
-def _record_rows(ledger_path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
-    from accounting.ledger import Ledger
+def _record_rows(ledger: Ledger, config: dict[str, Any]) -> list[dict[str, Any]]:
     from accounting.planning import bound
 
-    if not ledger_path.is_file():
-        raise ConfigError(f"{ledger_path}: ledger not found")
-    ledger = Ledger(ledger_path)  # verifies every line; raises LedgerCorruptError
+    ledger_path = ledger.path
     rows = []
     for client in ledger.clients():
         events = ledger.events(client)
@@ -173,14 +190,11 @@ def _record_rows(ledger_path: Path, config: dict[str, Any]) -> list[dict[str, An
     return rows
 
 
-def _client_level(ledger_path: Path, config: dict[str, Any]) -> dict[str, Any]:
+def _client_level(ledger: Ledger, config: dict[str, Any]) -> dict[str, Any]:
     """The server ledger's one account: the client-level (whole-site) guarantee."""
-    from accounting.ledger import Ledger
     from accounting.planning import bound
 
-    if not ledger_path.is_file():
-        raise ConfigError(f"{ledger_path}: server ledger not found (budget.json declares client-level DP)")
-    ledger = Ledger(ledger_path)
+    ledger_path = ledger.path
     accounts = ledger.clients()
     if len(accounts) > 1:
         raise ConfigError(f"{ledger_path}: a server ledger must hold one account, got {sorted(accounts)}")

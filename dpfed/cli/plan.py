@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from accounting.sampling import sample_rate as poisson_rate
 from dpfed.errors import ConfigError
 
 
@@ -65,7 +66,7 @@ def _clients(sample_rate: float | None, batch_size: int | None, dataset_size: in
             raise ConfigError(f"--dataset-size must be an integer >= 1, got {size!r}")
         if batch_size > size:
             raise ConfigError(f"--batch-size must be <= the dataset size, got {batch_size} > {size}")
-        clients.append({"client": str(index) if len(sizes) > 1 else "all", "sample_rate": batch_size / size,
+        clients.append({"client": str(index) if len(sizes) > 1 else "all", "sample_rate": poisson_rate(batch_size, size),
                         "dataset_size": size})
     return clients
 
@@ -86,7 +87,7 @@ def _init_rates(clients: list[dict[str, Any]], sigma0: float | None, rate0: floa
         if any(c["dataset_size"] is None for c in clients):
             raise ConfigError("--init-batch-size needs --dataset-size or --dataset-sizes (q0 = B0 / n)")
     for c in clients:
-        c["init_sample_rate"] = (min(1.0, batch0 / c["dataset_size"]) if batch0 is not None
+        c["init_sample_rate"] = (poisson_rate(batch0, c["dataset_size"]) if batch0 is not None
                                  else (rate0 if rate0 is not None else 1.0))
 
 

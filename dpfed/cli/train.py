@@ -24,9 +24,19 @@ def train(
     delta: Annotated[Optional[float], typer.Option(help="δ per record; must be < 1/(smallest client size)")] = None,
     model: Annotated[Optional[str], typer.Option(help="embedded:all-minilm-l6-v2, a local folder, or a hub id")] = None,
     task: Annotated[Optional[str], typer.Option(help="classification | causal-lm")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="embedded:rotten_tomatoes, a csv/json/jsonl path, or a hub dataset")] = None,
-    text_column: Annotated[Optional[str], typer.Option(help="column holding the text")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="column holding the label")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="embedded:rotten_tomatoes, a csv/tsv/json/jsonl/parquet file, or a hub dataset; "
+                                                   "a user dataset gets no public slice unless one is declared")] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="column holding the text (default: text)")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="column holding the label (default: label)")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="the label set, comma-separated, in head-index order "
+                                                  "(default: the labels of the test split and the public data)")] = None,
+    public_data: Annotated[Optional[str], typer.Option(help="a file of records declared public (same columns): fits the "
+                                                       "head/init without DP, outside ε")] = None,
+    public_fraction: Annotated[Optional[float], typer.Option(help="declare this fraction of the dataset public (fits the "
+                                                             "head/init without DP, outside ε; the count is printed)")] = None,
+    drop_invalid: Annotated[bool, typer.Option("--drop-invalid", help="drop records with an empty/NaN label or a null/empty "
+                                               "text (the count is printed) instead of refusing the file")] = False,
+    print_config: Annotated[bool, typer.Option("--print-config", help="print the resolved config (YAML) and exit")] = False,
     clients: Annotated[Optional[int], typer.Option(help="number of simulated sites")] = None,
     partition: Annotated[Optional[str], typer.Option(help="iid | dirichlet")] = None,
     dirichlet_alpha: Annotated[Optional[float], typer.Option(help="α of the Dirichlet label partition")] = None,
@@ -48,7 +58,8 @@ def train(
     client_noise_multiplier: Annotated[Optional[float], typer.Option(help="client-level σ_c (default: calibrated from --client-epsilon)")] = None,
     client_epsilon: Annotated[Optional[float], typer.Option(help="client-level ε budget over all rounds (PRV upper bound)")] = None,
     client_delta: Annotated[Optional[float], typer.Option(help="client-level δ (default: --delta); must be < 1/clients")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="continue RUN_DIR from its last checkpoint and ledger (other options except --device/--format are refused)")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="continue RUN_DIR from its last checkpoint and ledger (other options except --device/--format/--ledger-key are refused)")] = None,
+    ledger_key: Annotated[Optional[Path], typer.Option(help="HMAC key file for the ledger (created mode 0600 if missing; keep it outside the run directory): edits by anyone without it are detected")] = None,
     canaries: Annotated[Optional[int], typer.Option(help="plant M audit canaries (each with probability 1/2) for dpfed audit")] = None,
     canary_kind: Annotated[Optional[str], typer.Option(help="gradient (default; white-box: fixed per-sample gradients) | random-words (input-space records)")] = None,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="train without DP (comparison only: NO privacy guarantee)")] = False,
@@ -59,26 +70,30 @@ def train(
     from rich.console import Console
 
     from dpfed import config as cfgmod
-    from dpfed.runner import prepare, run
+    from dpfed.runner import claim_run_dir, release_claim
 
     if fmt not in ("table", "json"):
         raise ConfigError(f"format must be 'table' or 'json', got {fmt!r}")
     if resume is not None:
         given = [k for k, v in locals().items()
-                 if k not in ("resume", "fmt", "device", "no_dp") and not k.startswith("_") and v is not None
+                 if k not in ("resume", "fmt", "device", "no_dp", "ledger_key") and not k.startswith("_") and v is not None
                  and k in _OPTION_NAMES]
-        if given or no_dp:
+        given += [k for k, v in (("no_dp", no_dp), ("drop_invalid", drop_invalid), ("print_config", print_config)) if v]
+        if given:
             raise ConfigError(f"--resume continues a run with its recorded config; got other options: "
-                              f"{', '.join('--' + g.replace('_', '-') for g in given) or '--no-dp'}")
-        _resume(resume, device=device, fmt=fmt)
+                              f"{', '.join('--' + g.replace('_', '-') for g in given)}")
+        _resume(resume, device=device, fmt=fmt, key=_ledger_key(ledger_key, create=False))
         return
     cfg = cfgmod.load(config) if config is not None else (cfgmod.load(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else cfgmod.RunConfig())
+    replaced = dataset is not None and dataset != cfg.data.source
     cfg = cfgmod.override(
         cfg,
         **{"privacy.epsilon": epsilon, "privacy.delta": delta, "privacy.clip": clip,
            "privacy.noise_multiplier": noise_multiplier, "privacy.enabled": False if no_dp else None,
            "model.name": model, "model.task": task, "model.rank": rank, "model.target_modules": _split(target_modules),
            "data.source": dataset, "data.text_column": text_column, "data.label_column": label_column,
+           "data.labels": _split(labels), "data.public_source": public_data, "data.public_fraction": public_fraction,
+           "data.drop_invalid": True if drop_invalid else None,
            "data.num_clients": clients, "data.canaries": canaries, "data.canary_kind": canary_kind, "data.partition": partition, "data.dirichlet_alpha": dirichlet_alpha,
            "train.rounds": rounds, "train.local_steps": local_steps, "train.batch_size": batch_size, "train.lr": lr,
            "train.client_fraction": client_fraction, "train.method": method, "init.strategy": init,
@@ -87,34 +102,96 @@ def train(
            "privacy.client_delta": client_delta,
            "device": device, "seed": seed},
     )
+    notes: list[str] = []
+    if replaced and public_fraction is None:  # the config's public_fraction was declared for its own dataset
+        cfg, line = _no_public_slice(cfg, init_given=init is not None)
+        notes += [line] if line else []
+    cfg = cfgmod.resolve_data_paths(cfg)  # absolute: --resume works from anywhere; a missing path is an error, not a hub lookup
+    if print_config:
+        for line in notes:
+            Console(stderr=True).print(line, markup=False, highlight=False, soft_wrap=True)
+        print(cfgmod.to_yaml(cfg), end="")
+        return
     run_dir = out if out is not None else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise ConfigError(f"out must be a new or empty directory, got existing '{run_dir}'")
-    if run_dir.exists():
-        run_dir.rmdir()
-    err = Console(stderr=True)
-    quiet = fmt == "json"
-    if not cfg.privacy.enabled:
-        err.print("[bold red]--no-dp: training WITHOUT differential privacy; no privacy guarantee holds.[/]")
-    with err.status("preparing data, model and adapter...", spinner="dots") if not quiet else _Null():
-        job = prepare(cfg)
-    if not quiet and job.noise_multiplier is not None:
-        err.print(f"noise multiplier σ = {job.noise_multiplier:g} for ε = {cfg.privacy.epsilon:g}, δ = {cfg.privacy.delta:g} "
-                  f"over {cfg.train.rounds} rounds × {cfg.train.local_steps} local steps (worst client)")
-    summary = run(job, run_dir, progress=_progress(err, cfg, quiet))
-    if quiet:
+    key = _ledger_key(ledger_key)
+    created = claim_run_dir(run_dir)  # before the setup: a second run on the same --out fails at once
+    try:
+        summary = _train_claimed(cfg, run_dir, created=created, notes=notes, fmt=fmt, key=key)
+    except BaseException:
+        release_claim(run_dir, created=created)  # removes only the claim, and the directory if dpfed made it and it is empty
+        raise
+    if fmt == "json":
         print(json.dumps(summary, indent=2))
         return
     _print_summary(summary, run_dir)
 
 
+def _ledger_key(path: Optional[Path], *, create: bool = True) -> Optional[bytes]:
+    """The site's ledger key (HMAC): read it, or create it (mode 0600) for a new run when the file does not exist."""
+    if path is None:
+        return None
+    from accounting.ledger import load_key, new_key_file
+
+    if create and not path.exists():
+        new_key_file(path)
+    return load_key(path)
+
+
+def _train_claimed(cfg, run_dir: Path, *, created: bool, notes: list[str], fmt: str, key: Optional[bytes]) -> dict:
+    from rich.console import Console
+
+    from dpfed.runner import prepare, run
+
+    err = Console(stderr=True)
+    quiet = fmt == "json"
+    if not cfg.privacy.enabled:
+        err.print("[bold red]--no-dp: training WITHOUT differential privacy; no privacy guarantee holds.[/]")
+
+    def on_setup(kind: str, info: dict) -> None:
+        if kind == "data":
+            notes.extend(info["notes"])
+
+    with err.status("preparing data, model and adapter...", spinner="dots") if not quiet else _Null():
+        job = prepare(cfg, progress=on_setup)
+    # printed once everything is validated, so that a refused run prints its one error line only
+    for line in notes:
+        err.print(line, style="yellow", markup=False, highlight=False, soft_wrap=True)
+    if "head_source" in job.init_info:
+        err.print(f"classification head: {job.init_info['head_source']}", markup=False, highlight=False, soft_wrap=True)
+    if not quiet and job.noise_multiplier is not None:
+        err.print(f"noise multiplier σ = {job.noise_multiplier:g} for ε = {cfg.privacy.epsilon:g}, δ = {cfg.privacy.delta:g} "
+                  f"over {cfg.train.rounds} rounds × {cfg.train.local_steps} local steps (worst client)")
+    return run(job, run_dir, progress=_progress(err, cfg, quiet), ledger_key=key, claimed=created)
+
+
+def _no_public_slice(cfg, *, init_given: bool):
+    """A user dataset that replaced the config's: no slice of it is public; without a public file, init/head leave 'public'."""
+    from dpfed import config as cfgmod
+
+    changes = {"data.public_fraction": 0.0}
+    switched = []
+    if cfg.data.public_source is None:
+        if cfg.init.head == "public":
+            changes["init.head"] = "random"
+            switched.append("init.head")
+        if cfg.init.strategy == "public" and not init_given:
+            changes["init.strategy"] = "random"
+            switched.append("init.strategy")
+    cfg = cfgmod.override(cfg, **changes)
+    if not switched:
+        return cfg, ""
+    return cfg, (f"--dataset {cfg.data.source}: no public data declared, so no public slice; {' and '.join(switched)} "
+                 f"'public' -> 'random' (declare public records with --public-data FILE or --public-fraction F)")
+
+
 _OPTION_NAMES = ("config", "epsilon", "delta", "model", "task", "dataset", "text_column", "label_column", "clients",
                  "partition", "dirichlet_alpha", "rounds", "local_steps", "batch_size", "lr", "rank", "target_modules",
                  "clip", "noise_multiplier", "client_fraction", "method", "init", "seed", "out", "privacy_unit",
-                 "client_clip", "client_noise_multiplier", "client_epsilon", "client_delta", "canaries", "canary_kind")
+                 "client_clip", "client_noise_multiplier", "client_epsilon", "client_delta", "canaries", "canary_kind",
+                 "labels", "public_data", "public_fraction")
 
 
-def _resume(run_dir: Path, *, device: Optional[str], fmt: str) -> None:
+def _resume(run_dir: Path, *, device: Optional[str], fmt: str, key: Optional[bytes]) -> None:
     from rich.console import Console
 
     from dpfed import config as cfgmod
@@ -125,7 +202,7 @@ def _resume(run_dir: Path, *, device: Optional[str], fmt: str) -> None:
     err = Console(stderr=True)
     quiet = fmt == "json"
     cfg = cfgmod.load(run_dir / "config.yaml")
-    summary = resume(run_dir, device=device, progress=_progress(err, cfg, quiet))
+    summary = resume(run_dir, device=device, progress=_progress(err, cfg, quiet), ledger_key=key)
     if quiet:
         print(json.dumps(summary, indent=2))
         return

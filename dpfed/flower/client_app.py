@@ -133,8 +133,7 @@ def train(msg: Message, context: Context, settings, run: rec.RunMessage) -> Mess
     delta = site.cfg.privacy.delta if site.client.dp is not None else None
     content = rec.reply_record(state=result.state, site_id=settings.site_id, server_round=run.server_round,
                                num_examples=result.num_examples, events=[event_to_dict(e) for e in result.events],
-                               train_loss=result.mean_loss, sampled=result.sampled, steps=result.steps,
-                               epsilon_spent=_spent(ledger, settings.site_id, delta))
+                               steps=result.steps, epsilon_spent=_spent(ledger, settings.site_id, delta))
     return Message(content, reply_to=msg)
 
 

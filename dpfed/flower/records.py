@@ -96,11 +96,13 @@ def refusal(reason: str, *, site_id: str, server_round: int) -> RecordDict:
 
 
 def reply_record(*, state: Mapping[str, torch.Tensor], site_id: str, server_round: int, num_examples: int,
-                 events: list[dict[str, Any]], train_loss: float, sampled: int, steps: int,
-                 epsilon_spent: float | None) -> RecordDict:
-    metrics = {"num-examples": int(num_examples), "sampled": int(sampled), "steps": int(steps)}
-    if math.isfinite(train_loss):
-        metrics["train-loss"] = float(train_loss)
+                 events: list[dict[str, Any]], steps: int, epsilon_spent: float | None) -> RecordDict:
+    """A site's reply; every field passes :func:`dpfed.release.release` (channel ``site_reply``) first."""
+    from dpfed.release import release
+
+    release("site_reply", {"state": state, "site_id": site_id, "round": server_round, "num_examples": num_examples,
+                           "events": events, "steps": steps, "epsilon_spent": epsilon_spent}, unit="both")
+    metrics = {"num-examples": int(num_examples), "steps": int(steps)}
     if epsilon_spent is not None:
         metrics["epsilon-spent"] = float(epsilon_spent)
     return RecordDict({

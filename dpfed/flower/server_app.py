@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -28,6 +27,8 @@ from dpfed.flower import records as rec
 from dpfed.flower.settings import ServerSettings, check_supported
 from dpfed.flower.strategy import FedSBStrategy, SiteInfo, reply_node
 from dpfed.payload import Manifest
+from dpfed.privacy import sample_rate
+from dpfed.release import release, unit_of
 
 log = logging.getLogger(__name__)
 
@@ -231,13 +232,13 @@ def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handsha
         ev = last_eval = evaluate_global()
         eps_clients = {c: prv_epsilon(ledger.events(c), delta=cfg.privacy.delta).upper
                        for c in ledger.clients()} if job.dp else {}
-        losses = [a.metrics["train-loss"] for a in out.accepted if "train-loss" in a.metrics]
-        line = {"round": rnd, "clients": [a.site_id for a in out.accepted],
-                "train_loss": float(np.mean(losses)) if losses else None, **ev,
-                "epsilon_spent": max(eps_clients.values()) if eps_clients else None,
-                "bytes_up": sum(ups), "bytes_down": len(down) * len(out.chosen),
-                "aggregation_error": out.aggregate.error, "seconds": time.time() - t_round,
-                "flower_bytes_up": sum(a.flower_bytes for a in out.accepted), **_outcome_lists(out)}
+        line = release("metrics", {
+            "round": rnd, "clients": [a.site_id for a in out.accepted], **ev,
+            "epsilon_spent": max(eps_clients.values()) if eps_clients else None,
+            "bytes_up": sum(ups), "bytes_down": len(down) * len(out.chosen),
+            "bytes_up_per_site": len(encode(global_state, manifest, round=rnd, kind=KIND_UP)),
+            "aggregation_error": out.aggregate.error, "seconds": time.time() - t_round,
+            "flower_bytes_up": sum(a.flower_bytes for a in out.accepted), **_outcome_lists(out)}, unit=unit_of(cfg))
         _append_metrics(metrics_path, line)
         rounds_done = rnd
         progress("round", line)
@@ -246,7 +247,7 @@ def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handsha
     trainable = sum(v.numel() for v in global_state.values())
     sites = strategy.sites()
     summary = build_summary(job, eps_clients=eps, client_level=None,
-                            sample_rates={s.site_id: min(1.0, cfg.train.batch_size / s.num_examples) for s in sites},
+                            sample_rates={s.site_id: sample_rate(cfg.train.batch_size, s.num_examples) for s in sites},
                             client_sizes={s.site_id: s.num_examples for s in sites},
                             clients_per_round=max(1, int(math.ceil(cfg.train.client_fraction * len(sites)))),
                             rounds_done=rounds_done, stop_reason=stop_reason, resumed=None, eval0=eval0,

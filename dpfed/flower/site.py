@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from dpfed.config import RunConfig
 from dpfed.data import Records, load_records, load_tokenizer, split_and_partition, tokenize
 from dpfed.errors import ConfigError, DataError
 from dpfed.flower.settings import SiteSettings
-from dpfed.privacy import DPSGDParams, make_generator, new_seed
+from dpfed.privacy import DPSGDParams, new_seed
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label
     """
     from dpfed.methods import FedSBMethod
     from dpfed.model import DEFAULT_TARGETS, SequenceClassifier, inject_lorasb, load_base, model_family, resolve_model_path, select_targets
-    from dpfed.runner import child_seed, enable_prefix_cache, resolve_device
+    from dpfed.runner import enable_prefix_cache, resolve_device, site_generators
 
     cfg = site_config(cfg, settings)
     device = resolve_device(cfg.device)
@@ -120,11 +121,18 @@ def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label
     seed = settings.seed if settings.seed is not None else new_seed()
     training = LocalTraining(local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
                              optimizer=cfg.train.optimizer, momentum=cfg.train.momentum, task=cfg.model.task)
+    sample_gen, noise_gen = site_generators(seed, settings.index, round, history=len(ledger.events(settings.site_id)),
+                                            device=device)
     client = Client(client_id=settings.site_id, shard=shard, training=training, dp=dp,
-                    sample_generator=make_generator(child_seed(seed, 3, settings.index, round)),
-                    noise_generator=make_generator(child_seed(seed, 4, settings.index, round), device) if dp else None,
-                    ledger=ledger, budget=budget, device=device, autocast_dtype=autocast_dtype)
+                    sample_generator=sample_gen, noise_generator=noise_gen if dp else None,
+                    ledger=ledger, budget=budget, device=device, autocast_dtype=autocast_dtype,
+                    diagnostics=site_local_path(settings.ledger))
     return Site(model, method, client, cfg)
+
+
+def site_local_path(ledger: Path) -> Path:
+    """The site's own diagnostics file, beside its ledger (mode 0600; never sent; outside the guarantee)."""
+    return ledger.with_name(ledger.stem + ".site-local.jsonl")
 
 
 def _install_frozen(method, frozen: dict[str, torch.Tensor]) -> None:

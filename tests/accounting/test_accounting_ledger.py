@@ -9,9 +9,19 @@ import stat
 import pytest
 
 from accounting import prv
-from accounting.errors import AccountingInputError, LedgerCorruptError
+from accounting.errors import AccountingInputError, LedgerCorruptError, LedgerKeyError, LedgerMissingError
 from accounting.events import FixedSizeGaussianEvent, GaussianEvent, PoissonGaussianEvent
-from accounting.ledger import Ledger, parse_torn, reappend_torn, spent
+from accounting.ledger import (
+    GENESIS_HASH,
+    Ledger,
+    _canonical,
+    _chain_hash,
+    load_key,
+    new_key_file,
+    parse_torn,
+    reappend_torn,
+    spent,
+)
 
 
 def pg(sigma=1.0, q=0.01, steps=10, unit="record"):
@@ -214,3 +224,118 @@ def test_a_second_writer_is_detected(filled):
     with pytest.raises(LedgerCorruptError, match="changed on disk"):
         second.append(client="a", round=2, event=pg())
     assert len(Ledger(filled)) == 4
+
+
+# -- readers never create; keyed ledgers -------------------------------------------------------
+
+KEY = bytes(range(32))
+
+
+def test_open_existing_never_creates(ledger_path):
+    with pytest.raises(LedgerMissingError, match="no such ledger"):
+        Ledger.open_existing(ledger_path)
+    assert not ledger_path.exists() and not ledger_path.parent.exists()
+
+
+def _keyed(ledger_path):
+    ledger = Ledger(ledger_path, key=KEY)
+    ledger.append(client="a", round=1, event=pg())
+    ledger.append(client="b", round=1, event=pg(q=0.02))
+    return ledger
+
+
+def test_keyed_ledger_round_trip_keeps_the_plain_chain(ledger_path):
+    ledger = _keyed(ledger_path)
+    reopened = Ledger.open_existing(ledger_path, key=KEY)
+    assert reopened.records() == ledger.records() and reopened.keyed and reopened.mac_verified
+    for line in lines(ledger_path):
+        record = json.loads(line)
+        content = {k: v for k, v in record.items() if k not in ("hash", "mac")}
+        assert record["hash"] == _chain_hash(record["prev"], content)  # the head a checkpoint records is unchanged
+        assert len(record["mac"]) == 64
+
+
+def test_keyed_ledger_edited_without_the_key_is_detected(ledger_path):
+    _keyed(ledger_path)
+    content = [json.loads(line) for line in lines(ledger_path)]
+    content[1]["event"]["noise_multiplier"] = 50.0  # an attacker recomputes the hash chain, not the MACs
+    prev = GENESIS_HASH
+    for record in content:
+        record["prev"] = prev
+        record["hash"] = prev = _chain_hash(prev, {k: v for k, v in record.items() if k not in ("hash", "mac")})
+    write_lines(ledger_path, [_canonical(record).encode() for record in content])
+    Ledger(ledger_path)  # without the key only the plain chain is checked
+    with pytest.raises(LedgerCorruptError, match=r"ledger.jsonl:2: MAC mismatch"):
+        Ledger(ledger_path, key=KEY)
+    for record in content:
+        del record["mac"]
+    write_lines(ledger_path, [_canonical(record).encode() for record in content])
+    with pytest.raises(LedgerKeyError, match="a key was given but the ledger is not keyed"):
+        Ledger(ledger_path, key=KEY)
+
+
+def test_keyed_ledger_without_its_key_is_read_but_not_appended(ledger_path, caplog):
+    _keyed(ledger_path)
+    with caplog.at_level("WARNING", logger="accounting.ledger"):
+        ledger = Ledger(ledger_path)
+    assert ledger.keyed and not ledger.mac_verified and len(ledger) == 2
+    assert "the MACs were not" in caplog.text
+    before = ledger_path.read_bytes()
+    with pytest.raises(LedgerKeyError, match="the ledger is keyed; appending needs its key"):
+        ledger.append(client="a", round=2, event=pg())
+    assert ledger_path.read_bytes() == before
+
+
+def test_wrong_key_and_mixed_lines(tmp_path):
+    keyed_path, plain_path = tmp_path / "keyed.jsonl", tmp_path / "plain.jsonl"
+    _keyed(keyed_path)
+    with pytest.raises(LedgerCorruptError, match=":1: MAC mismatch"):
+        Ledger(keyed_path, key=bytes(32))
+    Ledger(plain_path).append(client="a", round=1, event=pg())
+    with pytest.raises(LedgerKeyError, match="not keyed"):
+        Ledger(plain_path, key=KEY)
+    # a keyed line spliced after a plain one, chain recomputed: keyed and plain lines never mix
+    record = json.loads(lines(keyed_path)[1])
+    content = {k: v for k, v in record.items() if k not in ("hash", "mac")}
+    content["prev"] = json.loads(lines(plain_path)[0])["hash"]
+    spliced = {**content, "hash": _chain_hash(content["prev"], content), "mac": record["mac"]}
+    write_lines(plain_path, [lines(plain_path)[0], _canonical(spliced).encode()])
+    with pytest.raises(LedgerCorruptError, match=r"plain.jsonl:2: a MAC on this line but none on line 1"):
+        Ledger(plain_path)
+
+
+def test_key_must_be_bytes_of_16_or_more(ledger_path):
+    for key, message in ((KEY.hex(), "key must be bytes"), (b"short", "at least 16 bytes long, got 5")):
+        with pytest.raises(LedgerKeyError, match=message):
+            Ledger(ledger_path, key=key)
+    assert not ledger_path.exists()
+
+
+def test_key_files(tmp_path):
+    path = tmp_path / "site.key"
+    key = new_key_file(path)
+    assert len(key) == 32 and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert load_key(path) == key
+    with pytest.raises(LedgerKeyError, match="key file must not exist yet"):
+        new_key_file(path)
+    assert load_key(path) == key
+    path.chmod(0o644)
+    with pytest.raises(LedgerKeyError, match=r"owner only \(chmod 600\), got mode 0644"):
+        load_key(path)
+    bad = tmp_path / "bad.key"
+    for text, message in (("zz", "as hex digits"), ("ab" * 8, "must be 32 bytes")):
+        bad.write_text(text)
+        bad.chmod(0o600)
+        with pytest.raises(LedgerKeyError, match=message):
+            load_key(bad)
+    with pytest.raises(LedgerKeyError, match="key file not readable"):
+        load_key(tmp_path / "missing.key")
+
+
+def test_recover_with_a_key(ledger_path):
+    _keyed(ledger_path)
+    raw = ledger_path.read_bytes()
+    ledger_path.write_bytes(raw[:-1])
+    ledger, torn = Ledger.recover(ledger_path, key=KEY)
+    assert ledger.mac_verified and reappend_torn(ledger, torn) is not None
+    assert len(Ledger(ledger_path, key=KEY)) == 2

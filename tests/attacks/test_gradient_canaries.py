@@ -208,9 +208,11 @@ def test_dp_init_counts_gradient_canaries_in_its_sample_rate(tiny_bert_dir, tiny
         assert rates == {0: pytest.approx(32 / n_i), 1: pytest.approx(16 / n_i)}
 
 
-def _planted_run(tiny_bert_dir, tiny_csv, out, *, noise: bool):
+def _planted_run(tiny_bert_dir, tiny_csv, out, *, noise: bool, monkeypatch=None):
     from attacks.audit import audit_run
+    from dpfed import client as client_mod
     from dpfed import config as cfgmod
+    from dpfed.privacy import DPSGDParams
     from dpfed.runner import prepare, run
 
     cfg = cfgmod.from_dict({
@@ -221,14 +223,21 @@ def _planted_run(tiny_bert_dir, tiny_csv, out, *, noise: bool):
         "train": {"rounds": 10, "local_steps": 10, "batch_size": 64, "lr": 5.0},
         "privacy": {"epsilon": 1.0, "delta": 1e-4}, "seed": 0, "device": "cpu"})
     job = prepare(cfg)
-    job.noise_enabled = noise  # False: the planted bug, noise secretly off while the ledger still claims epsilon = 1
+    if not noise:  # the planted bug: the sites' noise is secretly off while their ledgers still claim epsilon = 1
+        real = client_mod.noised_mean
+
+        def silent(sums, *, params, generator):
+            return real(sums, params=DPSGDParams(noise_multiplier=0.0, clip=params.clip,
+                                                 expected_batch_size=params.expected_batch_size), generator=None)
+
+        monkeypatch.setattr(client_mod, "noised_mean", silent)
     summary = run(job, out)
     assert summary["epsilon_spent"] <= 1.0
     return audit_run(out)
 
 
-def test_planted_leak_noise_secretly_off_is_a_violation(tiny_bert_dir, tiny_csv, tmp_path, one_thread):
-    r = _planted_run(tiny_bert_dir, tiny_csv, tmp_path / "leak", noise=False)
+def test_planted_leak_noise_secretly_off_is_a_violation(tiny_bert_dir, tiny_csv, tmp_path, one_thread, monkeypatch):
+    r = _planted_run(tiny_bert_dir, tiny_csv, tmp_path / "leak", noise=False, monkeypatch=monkeypatch)
     assert r["canaries"] == 1000 and r["epsilon_claimed"] <= 1.0
     assert r["verdict"] == "violation", (r["epsilon_lower_bound"], r["correct"], r["guesses"])
     assert r["epsilon_lower_bound"] > 1.5 and r["correct"] >= 180

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -65,6 +66,12 @@ def test_twin_is_marked(result):
     twin = next(r["twin_run_dir"] for r in rows if r["twin_run_dir"])
     summary = json.loads(open(f"{twin}/summary.json").read())
     assert summary["noise"].startswith("DISABLED")
+    # released nothing noised, so it claims nothing: no ledger, no budget, no ε
+    assert summary["privacy"].startswith("none (noise-free twin")
+    assert summary["epsilon_spent"] is None and summary["epsilon_target"] is None and summary["epsilon_per_client"] == {}
+    assert not Path(twin, "ledger.jsonl").exists() and not Path(twin, "budget.json").exists()
+    lines = [json.loads(x) for x in open(f"{twin}/metrics.jsonl").read().splitlines()]
+    assert all(x["epsilon_spent"] is None for x in lines)
 
 
 @pytest.mark.parametrize("extra, message", [

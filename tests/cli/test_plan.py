@@ -14,6 +14,7 @@ import pytest
 
 from accounting import prv, rdp
 from accounting.events import GaussianEvent, PoissonGaussianEvent
+from accounting.sampling import sample_rate
 
 REPO = Path(__file__).resolve().parents[2]
 # dpfed.cli registers every command module; stand in for one that is not written yet.
@@ -88,9 +89,9 @@ def test_inverse_returns_smallest_three_digit_sigma(cli):
 def test_batch_size_and_rounds_alternatives(cli):
     result = run_json(cli, "--noise-multiplier", "1.2", "--delta", "1e-5", "--batch-size", "50",
                       "--dataset-size", "2500", "--rounds", "4", "--local-steps", "100")
-    assert result["sample_rate"] == 0.02 and result["steps"] == 400
+    assert result["sample_rate"] == sample_rate(50, 2500) and result["steps"] == 400
     assert result["rounds"] == 4 and result["local_steps"] == 100
-    assert result["epsilon"] == prv.epsilon([pg(1.2, 0.02, 400)], delta=1e-5).upper
+    assert result["epsilon"] == prv.epsilon([pg(1.2, sample_rate(50, 2500), 400)], delta=1e-5).upper
 
 
 def test_dataset_sizes_report_each_client_and_the_worst(cli):
@@ -98,12 +99,12 @@ def test_dataset_sizes_report_each_client_and_the_worst(cli):
                       "--dataset-sizes", "4000,1600,3200", "--steps", "500")
     clients = result["clients"]
     assert [c["dataset_size"] for c in clients] == [4000, 1600, 3200]
-    assert result["worst_client"] == "1" and result["sample_rate"] == 32 / 1600
+    assert result["worst_client"] == "1" and result["sample_rate"] == sample_rate(32, 1600)
     uppers = [c["epsilon"] for c in clients]
     assert max(uppers) == result["epsilon"] <= 2.0
     assert uppers[1] > uppers[2] > uppers[0]
     sigma = result["noise_multiplier"]
-    assert prv.epsilon([pg(0.99 * sigma, 32 / 1600, 500)], delta=1e-5).upper > 2.0
+    assert prv.epsilon([pg(0.99 * sigma, sample_rate(32, 1600), 500)], delta=1e-5).upper > 2.0
 
 
 def test_max_rounds(cli):
@@ -215,12 +216,12 @@ def test_init_batch_size_plans_each_client_like_the_runner(cli):
     result = run_json(cli, "--epsilon", "3", "--delta", "1e-5", "--batch-size", "100", "--dataset-sizes", "400,900",
                       "--rounds", "5", "--local-steps", "4", "--init-noise-multiplier", "2",
                       "--init-batch-size", "200")
-    expected = max(calibrate_noise(target_epsilon=3, delta=1e-5, workloads=[(100 / n, 20)],
-                                   fixed_events=[pg(2.0, min(1.0, 200 / n), 1)]) for n in sizes)
+    expected = max(calibrate_noise(target_epsilon=3, delta=1e-5, workloads=[(sample_rate(100, n), 20)],
+                                   fixed_events=[pg(2.0, sample_rate(200, n), 1)]) for n in sizes)
     assert result["noise_multiplier"] == expected
-    assert [c["init_sample_rate"] for c in result["clients"]] == [0.5, 200 / 900]
+    assert [c["init_sample_rate"] for c in result["clients"]] == [sample_rate(200, 400), sample_rate(200, 900)]
     for c, n in zip(result["clients"], sizes):
-        eps = prv.epsilon([pg(expected, 100 / n, 20), pg(2.0, 200 / n, 1)], delta=1e-5).upper
+        eps = prv.epsilon([pg(expected, sample_rate(100, n), 20), pg(2.0, sample_rate(200, n), 1)], delta=1e-5).upper
         assert c["epsilon"] == eps <= 3.0
     plain = run_json(cli, "--epsilon", "3", "--delta", "1e-5", "--batch-size", "100", "--dataset-sizes", "400,900",
                      "--rounds", "5", "--local-steps", "4")

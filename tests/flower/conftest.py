@@ -28,3 +28,22 @@ def flower_cfg_path(tiny_bert_dir, tiny_csv, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("flower-cfg") / "tiny.yaml"
     path.write_text(cfgmod.to_yaml(cfgmod.from_dict(tiny_config(tiny_bert_dir, tiny_csv))))
     return path
+
+
+@pytest.fixture
+def as_serverapp():
+    """Messages need the identity a ServerApp process gets from Flower at start (set through its setters)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+@pytest.fixture(scope="module")
+def job(flower_cfg_path):
+    """The tiny run prepared in process (the server's side of the Flower tests)."""
+    from dpfed import config as cfgmod
+    from dpfed.runner import prepare
+
+    return prepare(cfgmod.load(flower_cfg_path))

@@ -31,7 +31,7 @@ def _state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _reply(state=None, **kw) -> RecordDict:
     args = dict(state=state if state is not None else _state(), site_id="client-000", server_round=1,
-                num_examples=10, events=[EVENT], train_loss=0.5, sampled=3, steps=2, epsilon_spent=1.0)
+                num_examples=10, events=[EVENT], steps=2, epsilon_spent=1.0)
     args.update(kw)
     return rec.reply_record(**args)
 
@@ -57,7 +57,7 @@ def test_good_reply_is_accepted_bit_exact():
 
 @pytest.mark.parametrize("content, match", [
     (lambda: rec.reply_record(state={"enc.R": torch.zeros(4, 4)}, site_id="client-000", server_round=1, num_examples=10,
-                              events=[EVENT], train_loss=0.1, sampled=1, steps=1, epsilon_spent=None), "missing"),
+                              events=[EVENT], steps=1, epsilon_spent=None), "missing"),
     (lambda: _reply(state={**_state(), "extra": torch.zeros(1)}), "unexpected"),
     (lambda: _reply(state={**_state(), "enc.R": torch.zeros(3, 4)}), "shape"),
     (lambda: _with_array("enc.R", Array(np.zeros((4, 4), dtype=np.float64))), "float32"),
@@ -88,24 +88,6 @@ def test_declared_dtype_must_match_the_bytes():
 
 
 # -- the strategy ---------------------------------------------------------------------------
-@pytest.fixture
-def as_serverapp():
-    """Messages need the identity a ServerApp process gets from Flower at start (set through its setters)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
-@pytest.fixture(scope="module")
-def job(flower_cfg_path):
-    from dpfed import config as cfgmod
-    from dpfed.runner import prepare
-
-    return prepare(cfgmod.load(flower_cfg_path))
-
-
 def _strategy(job, *, min_sites=1, fraction=1.0):
     from dpfed.adapters.lorasb import trainable_state
     from dpfed.flower.strategy import FedSBStrategy, SiteInfo
@@ -216,12 +198,10 @@ def test_site_build_and_fit_equal_the_in_process_client(job, tmp_path):
     global_state = trainable_state(job.model)
     mine = site.client.fit(site.model, global_state, round=1)
     ref_ledger = Ledger(tmp_path / "ref.jsonl")
-    from dpfed.privacy import make_generator
-    from dpfed.runner import child_seed
+    from dpfed.runner import site_generators
 
     client = make_clients(job, ledger=ref_ledger, seed=job.seed)[1]
-    client.sample_generator = make_generator(child_seed(job.seed, 3, 1, 1))
-    client.noise_generator = make_generator(child_seed(job.seed, 4, 1, 1))
+    client.sample_generator, client.noise_generator = site_generators(job.seed, 1, 1, history=0)
     ref = client.fit(job.model, global_state, round=1)
     assert all(torch.equal(mine.state[k], ref.state[k]) for k in ref.state)
     assert Ledger(settings.ledger).events("client-001") == ref_ledger.events("client-001")
