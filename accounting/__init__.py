@@ -7,7 +7,8 @@
   PRV accountant's ``(lower, estimate, upper)`` bracket; report ``upper``.
 - ``accounting.rdp``: ``epsilon(events, *, delta) -> float``, the looser but cheap RDP bound.
 - ``accounting.ledger``: ``Ledger``, one crash-safe, hash-chained JSON-lines file for
-  many clients; ``spent(ledger, client, *, delta)``.
+  many clients; ``MemoryLedger``, the same interface and chain in memory (library use, not
+  durable); ``spent(ledger, client, *, delta)``.
 - ``accounting.planning``: ``calibrate_noise``, ``max_rounds``, ``epsilon_curve`` with
   fresh accountants (never a live ledger).
 

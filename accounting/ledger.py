@@ -28,6 +28,9 @@ were not checked; opening a plain ledger with a key is refused. Keep the key on 
 
 Readers use :meth:`Ledger.open_existing`, which never creates a ledger.
 
+:class:`MemoryLedger` keeps the same records and hash chain in memory, for library use (the
+same appends at the same times give the same heads); it writes nothing, so it is not durable.
+
 Epsilon is never stored: :func:`spent` derives it from the events.
 """
 
@@ -40,6 +43,7 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -448,6 +452,113 @@ class Ledger:
         torn_text = tail.decode("ascii", errors="replace")
         log.warning("%s: cut a torn final line of %d bytes (kept in %s)", path, len(tail), torn_path)
         return cls(path, key=key), torn_text
+
+
+def utc_now() -> datetime:
+    """The current time in UTC (the default clock of :class:`MemoryLedger`)."""
+    return datetime.now(timezone.utc)
+
+
+def _timestamp(when: datetime) -> str:
+    """A record's ``time`` field: UTC, microseconds, ``Z`` (as :meth:`Ledger.append` writes it)."""
+    if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
+        raise AccountingInputError(f"clock must return a timezone-aware datetime, got {when!r}")
+    return when.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _new_record(head: tuple[int, str], units: dict[str, str], *, client: str, round: int,  # noqa: A002
+                event: Event, note: str, time: str) -> LedgerRecord:
+    """Validate one append against the chain's ``head`` and the clients' ``units``; the chained record.
+
+    The same checks and messages as :meth:`Ledger.append`; changes nothing.
+    """
+    client = _check_client(client)
+    round_ = _check_round(round)
+    check_event(event)
+    if not isinstance(note, str) or not note.isprintable():
+        raise AccountingInputError(f"note must be a printable string, got {note!r}")
+    if units.get(client, event.unit) != event.unit:
+        raise AccountingInputError(
+            f"event.unit must match client {client!r}'s privacy unit {units[client]!r}, got {event.unit!r}"
+        )
+    prev_seq, prev = head
+    content = {
+        "v": FORMAT_VERSION, "seq": prev_seq + 1, "client": client, "round": round_, "unit": event.unit,
+        "event": event_to_dict(event), "note": note, "time": time, "prev": prev,
+    }
+    return LedgerRecord(
+        seq=prev_seq + 1, client=client, round=round_, unit=event.unit, event=event,
+        note=note, time=time, prev=prev, hash=_chain_hash(prev, content),
+    )
+
+
+class MemoryLedger:
+    """An in-memory privacy ledger for library use: :class:`Ledger`'s reading and appending interface, no file.
+
+    ``append(client=..., round=..., event=..., note=...)``, :meth:`events`, :meth:`clients`,
+    :meth:`rounds_completed`, :meth:`records`, :attr:`head` and ``len()`` behave as
+    :class:`Ledger`'s, with the same validation and the same hash chain: a ``MemoryLedger`` and a
+    ``Ledger`` given the same appends at the same times have the same records and heads, and
+    :func:`spent` works on either. It is never keyed and has no :attr:`path` (None).
+
+    What it does not give: durability. Nothing survives the process, so it cannot back the
+    write-ahead contract (a payload released after an ``append`` that no crash can undo); a
+    deployment that releases updates keeps a :class:`Ledger` on disk. ``clock`` returns the
+    timezone-aware time stamped on each record (default :func:`utc_now`); inject one to replay or
+    compare ledgers, since the time is part of each hash.
+    """
+
+    path = None
+
+    def __init__(self, *, clock: Callable[[], datetime] | None = None) -> None:
+        self._clock = utc_now if clock is None else clock
+        self._records: list[LedgerRecord] = []
+        self._units: dict[str, str] = {}
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """``(seq, hash)`` of the last record; ``(-1, GENESIS_HASH)`` when empty."""
+        if not self._records:
+            return -1, GENESIS_HASH
+        return self._records[-1].seq, self._records[-1].hash
+
+    @property
+    def keyed(self) -> bool:
+        """Always False: an in-memory ledger carries no HMAC."""
+        return False
+
+    @property
+    def mac_verified(self) -> bool:
+        """Always False: there is no MAC to verify."""
+        return False
+
+    def records(self) -> tuple[LedgerRecord, ...]:
+        """Every record, in order."""
+        return tuple(self._records)
+
+    def __len__(self) -> int:
+        """Number of records."""
+        return len(self._records)
+
+    def clients(self) -> list[str]:
+        """Clients with at least one record, sorted."""
+        return sorted({record.client for record in self._records})
+
+    def events(self, client: str) -> list[Event]:
+        """The events recorded for ``client``, in ledger order."""
+        return [record.event for record in self._records if record.client == client]
+
+    def rounds_completed(self, client: str) -> set[int]:
+        """Rounds for which ``client`` has at least one record."""
+        return {record.round for record in self._records if record.client == client}
+
+    def append(self, *, client: str, round: int, event: Event, note: str = "") -> LedgerRecord:  # noqa: A002
+        """Validate and append one event in memory; returns the chained record (nothing is written)."""
+        record = _new_record(self.head, self._units, client=client, round=round, event=event, note=note,
+                             time=_timestamp(self._clock()))
+        self._records.append(record)
+        self._units.setdefault(record.client, record.unit)
+        return record
 
 
 def parse_torn(torn_text: str) -> tuple[str, int, Event] | None:

@@ -2,6 +2,8 @@
 
 Fed-SB (arXiv 2502.15436, Sec. 4): the server averages the clients' R (and the head). Since
 every client shares B and A, ``B (Σ_i w_i R_i) A = Σ_i w_i B R_i A``: the average is exact.
+The LoRA baselines share :class:`LoRAAggregator` (FedAvg of the factors) and differ only in the
+:class:`ServerStep` their method class passes in (``dpfed.methods``).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -169,50 +172,91 @@ def aggregation_error(ideal: dict[str, torch.Tensor], achieved: dict[str, torch.
     return math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 
-class LoRAAggregator:
-    """FedIT, FFA-LoRA, FedEx-LoRA and FLoRA over PEFT LoRA factors (see ``dpfed.adapters.lora``).
+class ServerStep(Protocol):
+    """What a LoRA baseline's server does after FedAvg: ``(state, fold, down)`` from the mean.
 
-    - ``fedit`` (Zhang et al. 2024, arXiv 2310.15080): FedAvg of A and B; the product of means is
-      not the mean of products, so the aggregation error is non-zero.
-    - ``ffa-lora`` (Sun et al. 2024, arXiv 2403.12313): A frozen and shared; FedAvg of B is exact.
-    - ``fedex-lora`` (Singhal et al. 2024, arXiv 2410.09432, Eq. 6): FedAvg of A and B plus the
-      residual ``Σ p_i B_i A_i − B̄ Ā`` (times the scaling) folded into W0 and sent down.
-    - ``flora`` (Wang et al. 2024, arXiv 2409.05976): the stacked factors' product
-      ``Σ p_i B_i A_i`` folded into W0; A, B re-initialised (A from the shared round seed,
-      B = 0). Down: every chosen client's A and B (the stack) and the averaged head.
-    Non-adapter parameters (the head) are averaged.
+    Arguments: the layers' keys, the weighted mean of the states, the client states, their
+    normalised weights and the ideal update ``Σ_i p_i ΔW_i`` per layer (float64). Returns the
+    new global state, the per-layer ΔW0 to fold (empty if none) and the message sent down.
     """
 
-    def __init__(self, method: str, layers: dict[str, LoRALayerKeys], *, weighting: str = "size",
-                 reinit_a: Callable[[str], torch.Tensor] | None = None) -> None:
-        if method not in ("fedit", "ffa-lora", "fedex-lora", "flora"):
-            raise ValueError(f"method must be one of fedit, ffa-lora, fedex-lora, flora, got {method!r}")
-        if method == "flora" and reinit_a is None:
-            raise ValueError("flora needs reinit_a (the shared fresh A for each layer)")
-        self.method, self.layers, self.weighting, self.reinit_a = method, layers, weighting, reinit_a
+    def __call__(self, layers: dict[str, LoRALayerKeys], mean: dict[str, torch.Tensor],
+                 states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float],
+                 ideal: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                          dict[str, torch.Tensor]]: ...
+
+
+class SendMean:
+    """FedIT (Zhang et al. 2024, arXiv 2310.15080) and FFA-LoRA (Sun et al. 2024, arXiv 2403.12313).
+
+    The mean factors are the new state and the message. FedIT: the product of means is not the
+    mean of products, so the aggregation error is non-zero. FFA-LoRA: A is frozen and shared
+    (``LoRALayerKeys.frozen_a``), so the mean of B is exact.
+    """
+
+    def __call__(self, layers, mean, states, weights, ideal):
+        return mean, {}, dict(mean)
+
+
+class FoldResidual:
+    """FedEx-LoRA (Singhal et al. 2024, arXiv 2410.09432, Eq. 6): the mean factors plus the residual.
+
+    The residual ``Σ p_i B_i A_i − B̄ Ā`` (times the scaling) is folded into W0 and sent down
+    next to the mean state as ``<layer>.residual``.
+    """
+
+    def __call__(self, layers, mean, states, weights, ideal):
+        fold = {n: (ideal[n] - k.product(mean)).float() for n, k in layers.items()}
+        down = dict(mean)
+        for n in layers:
+            down[f"{n}.residual"] = fold[n]
+        return mean, fold, down
+
+
+class FoldStack:
+    """FLoRA (Wang et al. 2024, arXiv 2409.05976): fold the stacked product, start a fresh adapter.
+
+    ``Σ p_i B_i A_i`` is folded into W0; A is re-initialised by ``reinit_a(layer)`` (the shared
+    round seed) and B = 0. Down: every chosen client's A and B (the stack, each client's weight
+    folded into its B) and the averaged head.
+    """
+
+    def __init__(self, reinit_a: Callable[[str], torch.Tensor]) -> None:
+        self.reinit_a = reinit_a
+
+    def __call__(self, layers, mean, states, weights, ideal):
+        factor_keys = {k.b for k in layers.values()} | {k.a for k in layers.values()}
+        down = {key: v for key, v in mean.items() if key not in factor_keys}  # head
+        state = dict(mean)
+        fold = {}
+        for n, k in layers.items():
+            fold[n] = ideal[n].float()
+            for i, s in enumerate(states):
+                down[f"{n}.stack.{i}.B"] = (s[k.b].double() * weights[i]).to(s[k.b].dtype)
+                down[f"{n}.stack.{i}.A"] = s[k.a]
+            state[k.b] = torch.zeros_like(mean[k.b])
+            state[k.a] = self.reinit_a(n).to(mean[k.a])
+        return state, fold, down
+
+
+class LoRAAggregator:
+    """FedAvg over PEFT LoRA factors and the head (see ``dpfed.adapters.lora``), then the method's step.
+
+    ``step`` is what differs between FedIT, FFA-LoRA (:class:`SendMean`), FedEx-LoRA
+    (:class:`FoldResidual`) and FLoRA (:class:`FoldStack`); each method passes its own
+    (``dpfed.methods``). Non-adapter parameters (the head) are averaged.
+    """
+
+    def __init__(self, layers: dict[str, LoRALayerKeys], *, step: ServerStep, weighting: str = "size") -> None:
+        self.layers, self.step, self.weighting = layers, step, weighting
 
     def aggregate(self, states: Sequence[dict[str, torch.Tensor]], num_examples: Sequence[int]) -> Aggregate:
         p = _weights(num_examples, self.weighting)
         mean = weighted_mean(states, p)
         ideal = {n: sum(w * k.product(s) for s, w in zip(states, p)) for n, k in self.layers.items()}
-        fold: dict[str, torch.Tensor] = {}
-        down: dict[str, torch.Tensor] = dict(mean)
-        if self.method == "fedex-lora":
-            for n, k in self.layers.items():
-                fold[n] = (ideal[n] - k.product(mean)).float()
-                down[f"{n}.residual"] = fold[n]
-        elif self.method == "flora":
-            factor_keys = {k.b for k in self.layers.values()} | {k.a for k in self.layers.values()}
-            down = {key: v for key, v in mean.items() if key not in factor_keys}  # head
-            for n, k in self.layers.items():
-                fold[n] = ideal[n].float()
-                for i, s in enumerate(states):  # the stack, with each client's weight folded into its B
-                    down[f"{n}.stack.{i}.B"] = (s[k.b].double() * p[i]).to(s[k.b].dtype)
-                    down[f"{n}.stack.{i}.A"] = s[k.a]
-                mean[k.b] = torch.zeros_like(mean[k.b])
-                mean[k.a] = self.reinit_a(n).to(mean[k.a])
-        achieved = {n: k.product(mean) + (fold[n].double() if n in fold else 0.0) for n, k in self.layers.items()}
-        return Aggregate(mean, fold, down, aggregation_error(ideal, achieved))
+        state, fold, down = self.step(self.layers, mean, states, p, ideal)
+        achieved = {n: k.product(state) + (fold[n].double() if n in fold else 0.0) for n, k in self.layers.items()}
+        return Aggregate(state, fold, down, aggregation_error(ideal, achieved))
 
 
 class FedSBExactCheck:

@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from dpfed.errors import ConfigError
+from dpfed.families import FAMILIES, family_of
+from dpfed.method_specs import METHOD_NAMES, Traffic, method_spec
 
-
-METHODS: tuple[str, ...] = ("fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora")
+METHODS: tuple[str, ...] = METHOD_NAMES
 """Methods this module knows, in display order (Fed-SB first: ratios are relative to it)."""
 
 DTYPE_BYTES: Mapping[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -49,20 +50,14 @@ DTYPE_BYTES: Mapping[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 """Where the bundled shape files live (``configs/models/<name>.json`` in the repository)."""
 
-DECODER_MODEL_TYPES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
-)
-"""Llama-style decoders with separate q/k/v/o and gate/up/down projections."""
+DECODER_MODEL_TYPES = FAMILIES["llama"].model_types
+"""Llama-style decoders with separate q/k/v/o and gate/up/down projections (``dpfed.families``)."""
 
-BERT_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra"})
+BERT_MODEL_TYPES = FAMILIES["bert"].model_types
 """BERT-style encoders (``attention.self.{query,key,value}``, ``attention.output.dense``, ...)."""
 
-DECODER_MODULES: tuple[str, ...] = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-)
-BERT_MODULES: tuple[str, ...] = (
-    "query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",
-)
+DECODER_MODULES: tuple[str, ...] = FAMILIES["llama"].target_modules
+BERT_MODULES: tuple[str, ...] = FAMILIES["bert"].target_modules
 
 
 # --------------------------------------------------------------------------- shapes
@@ -199,8 +194,10 @@ def model_shape(
     inter = _positive_int(cfg, "intermediate_size", model_type)
     layers = _positive_int(cfg, "num_hidden_layers", model_type)
     heads = _positive_int(cfg, "num_attention_heads", model_type)
-
-    if model_type in DECODER_MODEL_TYPES:
+    family = family_of(model_type)
+    dims = {"hidden": h, "intermediate": inter}
+    symbols = {s for pair in family.modules.values() for s in pair}
+    if symbols & {"q", "kv"}:  # attention projections sized by heads (grouped-query attention)
         kv_heads = _positive_int(cfg, "num_key_value_heads", model_type) if cfg.get(
             "num_key_value_heads") is not None else heads
         if cfg.get("head_dim") is not None:
@@ -212,28 +209,8 @@ def model_shape(
                 f"hidden_size must be divisible by num_attention_heads = {heads} when head_dim "
                 f"is absent, got {h}"
             )
-        q_out, kv_out = heads * head_dim, kv_heads * head_dim
-        modules = (
-            LinearShape("q_proj", h, q_out),
-            LinearShape("k_proj", h, kv_out),
-            LinearShape("v_proj", h, kv_out),
-            LinearShape("o_proj", q_out, h),
-            LinearShape("gate_proj", h, inter),
-            LinearShape("up_proj", h, inter),
-            LinearShape("down_proj", inter, h),
-        )
-    elif model_type in BERT_MODEL_TYPES:
-        modules = (
-            LinearShape("query", h, h),
-            LinearShape("key", h, h),
-            LinearShape("value", h, h),
-            LinearShape("attention.output.dense", h, h),
-            LinearShape("intermediate.dense", h, inter),
-            LinearShape("output.dense", inter, h),
-        )
-    else:
-        known = ", ".join(sorted(DECODER_MODEL_TYPES | BERT_MODEL_TYPES))
-        raise ConfigError(f"model_type must be one of {known}, got {model_type!r}")
+        dims.update(q=heads * head_dim, kv=kv_heads * head_dim)
+    modules = tuple(LinearShape(m, dims[d_in], dims[d_out]) for m, (d_in, d_out) in family.modules.items())
     shape = ModelShape(name, model_type, layers, modules, cfg.get("_source"))
     return shape.select(target_modules)
 
@@ -250,8 +227,7 @@ def dtype_bytes(dtype: str) -> int:
 
 
 def _check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    method_spec(method)
     return method
 
 
@@ -278,14 +254,6 @@ def check_rank(shape: ModelShape, rank: int, *, method: str | None = None) -> in
 # --------------------------------------------------------------------------- formulas
 
 
-@dataclass(frozen=True)
-class Traffic:
-    """Parameters one client sends (``up``) and receives (``down``) in one round."""
-
-    up: int
-    down: int
-
-
 def module_traffic(method: str, *, rank: int, clients: int, d_in: int, d_out: int) -> Traffic:
     """Per-round parameters of one adapted layer for one client (REFERENCE.md, "Baselines").
 
@@ -293,21 +261,9 @@ def module_traffic(method: str, *, rank: int, clients: int, d_in: int, d_out: in
     is frozen from a shared seed). FedEx-LoRA: A and B up; mean A, mean B and the dense
     residual ``mean(B_i A_i) − mean(B) mean(A)`` (d_out×d_in) down. FLoRA: A and B up; all
     ``c`` clients' A and B stacked (rank c·r) down. Fed-SB (arXiv 2502.15436, Sec. 3):
-    R (r×r) up, mean R down.
+    R (r×r) up, mean R down. The formulas are the methods' specs (``dpfed.method_specs``).
     """
-    r = rank
-    lora = r * (d_in + d_out)
-    if method == "fedit":
-        return Traffic(lora, lora)
-    if method == "ffa-lora":
-        return Traffic(r * d_out, r * d_out)
-    if method == "fedex-lora":
-        return Traffic(lora, lora + d_in * d_out)
-    if method == "flora":
-        return Traffic(lora, clients * lora)
-    if method == "fed-sb":
-        return Traffic(r * r, r * r)
-    raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return method_spec(method).traffic(rank=rank, clients=clients, d_in=d_in, d_out=d_out)
 
 
 def module_setup_down(method: str, *, rank: int, d_in: int, d_out: int) -> int:
@@ -316,7 +272,7 @@ def module_setup_down(method: str, *, rank: int, d_in: int, d_out: int) -> int:
     Fed-SB: the server's frozen B and A (from one SVD estimate), r(d_in+d_out). The LoRA
     baselines start from a shared seed (A random, B = 0): nothing to download.
     """
-    return rank * (d_in + d_out) if method == "fed-sb" else 0
+    return method_spec(method).setup_params(rank=rank, d_in=d_in, d_out=d_out)
 
 
 @dataclass(frozen=True)
@@ -416,16 +372,8 @@ def paper_communication(shape: ModelShape, method: str, *, rank: int, clients: i
     _check_method(method)
     _check_clients(clients)
     check_rank(shape, rank, method=method)
-    per_layer = 0
-    for m in shape.modules:
-        if method == "fed-sb":
-            per_layer += rank * rank
-        elif method == "ffa-lora":
-            per_layer += rank * m.d_out
-        elif method == "fedit":
-            per_layer += rank * (m.d_in + m.d_out)
-        else:  # flora, fedex-lora
-            per_layer += clients * rank * (m.d_in + m.d_out)
+    spec = method_spec(method)
+    per_layer = sum(spec.paper_params(rank=rank, clients=clients, d_in=m.d_in, d_out=m.d_out) for m in shape.modules)
     return shape.num_layers * per_layer
 
 

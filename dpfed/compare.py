@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dpfed import config as cfgmod
+from dpfed.methods import FedSB
 from dpfed.config import RunConfig
 
 
@@ -52,8 +53,7 @@ def _train(cfg: RunConfig, run_dir: Path, *, data_from, noise: bool) -> tuple[di
     """One run; returns its summary, the effective deltas after round 1 and at the end, and the job."""
     from dpfed.runner import prepare, run
 
-    job = prepare(cfg, data_from=data_from)
-    job.noise_enabled = noise
+    job = prepare(cfg, data_from=data_from, noise_enabled=noise)
     snaps: dict[int, dict[str, torch.Tensor]] = {}
 
     def progress(kind: str, info: dict[str, Any]) -> None:
@@ -98,7 +98,7 @@ def compare(base: RunConfig, *, methods: Sequence[str], epsilons: Sequence[float
                     "run_dir": str(out / tag), "seconds": None,
                     "noise_amplification": None, "noise_amplification_round1": None,
                     "noise_amplification_per_layer": None, "twin_run_dir": None,
-                    "analytic_noise_per_step": _fed_sb_noise(cfg, job, summary) if method == "fed-sb" else None,
+                    "analytic_noise_per_step": _fed_sb_noise(cfg, job, summary) if isinstance(job.method, FedSB) else None,
                 }
                 if eps is not None:
                     progress("cell", {"tag": tag + " (noise-free twin)"})

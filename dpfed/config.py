@@ -15,8 +15,9 @@ from typing import Any
 import yaml
 
 from dpfed.errors import ConfigError
+from dpfed.method_specs import METHOD_NAMES, method_spec, names_with
 
-METHODS = ("fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora")
+METHODS = METHOD_NAMES  # the registry's names (dpfed.method_specs; dpfed.methods holds the classes)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -83,20 +84,29 @@ def resolve_data_paths(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes)) if changes else cfg
 
 
+TASKS = ("classification", "causal-lm", "instruct")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = field(default="embedded:all-minilm-l6-v2", metadata={"help": "embedded name, local folder or hub id"})
-    task: str = field(default="classification", metadata={"help": "classification | causal-lm"})
+    task: str = field(default="classification", metadata={"help": "classification | causal-lm | instruct (prompt → response, "
+                                                                  "loss on the response only, scored by generation)"})
     rank: int = field(default=8, metadata={"help": "adapter rank r (Fed-SB: R is r×r per layer; LoRA baselines: A r×d_in, B d_out×r)"})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA baselines: PEFT's lora_alpha, scaling alpha/r (default: alpha = r)"})
     target_modules: tuple[str, ...] | None = field(default=None, metadata={"help": "Linear layer names; default per family"})
     adapt_layers: tuple[int, ...] | None = field(default=None, metadata={"help": "layer indices to adapt (negative from the top); default all"})
     max_length: int = field(default=64, metadata={"help": "tokens per example after truncation"})
     prefix_cache: bool = field(default=True, metadata={"help": "cache frozen hidden states below the lowest adapted layer"})
+    chat_template: bool = field(default=True, metadata={
+        "help": "instruct: wrap each prompt/response in the tokenizer's chat template when it has one"})
+    max_new_tokens: int = field(default=8, metadata={"help": "instruct: tokens greedily generated per held-out prompt"})
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and bool(self.name), f"model.name must be a non-empty string, got {self.name!r}")
-        _check(self.task in ("classification", "causal-lm"), f"model.task must be 'classification' or 'causal-lm', got {self.task!r}")
+        _check(self.task in TASKS, f"model.task must be one of {list(TASKS)}, got {self.task!r}")
+        _check(isinstance(self.chat_template, bool), f"model.chat_template must be true or false, got {self.chat_template!r}")
+        _pos_int("max_new_tokens", self.max_new_tokens)
         _pos_int("rank", self.rank)
         if self.lora_alpha is not None:
             _finite_pos("lora_alpha", self.lora_alpha)
@@ -133,6 +143,15 @@ class DataConfig:
         "help": "gradient (white-box Dirac canaries: fixed per-sample gradients) | random-words (input-space records)"})
     audit_holdout: int = field(default=0, metadata={"help": "records held out as attack non-members (default with canaries: min(500, 5%))"})
     canary_clients: int = field(default=0, metadata={"help": "client-level audit: canary clients, each in the population with probability 1/2"})
+    # model.task instruct: each record becomes a prompt and a response (dpfed.instruct)
+    prompt_column: str | None = field(default=None, metadata={"help": "instruct: column holding the prompt (or use template)"})
+    template: str | None = field(default=None, metadata={
+        "help": "instruct: the prompt built from named columns, e.g. 'Is this review positive or negative?\\n\\n{text}'"})
+    response_column: str | None = field(default=None, metadata={"help": "instruct: column holding the response"})
+    response_map: dict[str, str] | None = field(default=None, metadata={
+        "help": "instruct: response text per value of response_column, e.g. {fresh: positive, rotten: negative}"})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "instruct: a system message before each prompt (chat template only); default: the template's own"})
 
     def __post_init__(self) -> None:
         _check(isinstance(self.source, str) and bool(self.source.strip()), f"data.source must be a non-empty string, got {self.source!r}")
@@ -155,6 +174,47 @@ class DataConfig:
         _pos_int("audit_holdout", self.audit_holdout, 0)
         _pos_int("canary_clients", self.canary_clients, 0)
         _check(self.canary_clients != 1, "canary_clients must be 0 or >= 2, got 1")
+        for key in ("prompt_column", "response_column", "system_prompt"):
+            v = getattr(self, key)
+            _check(v is None or (isinstance(v, str) and bool(v.strip())), f"data.{key} must be a non-empty string or null, got {v!r}")
+        if self.template is not None:
+            _check(isinstance(self.template, str) and bool(template_fields(self.template)),
+                   f"data.template must be a string naming at least one column in braces, e.g. '{{text}}', got {self.template!r}")
+        if self.response_map is not None:
+            _check(isinstance(self.response_map, dict) and len(self.response_map) > 0,
+                   f"data.response_map must be a non-empty mapping of column value to response, got {self.response_map!r}")
+            m = {_map_key(k): v for k, v in self.response_map.items()}
+            bad = [v for v in m.values() if not (isinstance(v, str) and v.strip())]
+            _check(not bad, f"data.response_map values must be non-empty strings, got {bad[0]!r}" if bad else "")
+            object.__setattr__(self, "response_map", m)
+
+    @property
+    def instruct_keys_set(self) -> list[str]:
+        """The instruct-only keys that are set (they apply to model.task 'instruct' only)."""
+        return [k for k in ("prompt_column", "template", "response_column", "response_map", "system_prompt")
+                if getattr(self, k) is not None]
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a ``data.template`` refers to ('{text}' → ['text']); ConfigError if it is malformed."""
+    import string
+
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ConfigError(f"data.template must be a format string such as 'Review: {{text}}', got {template!r} ({exc})") from None
+    _check(all(n and n.isidentifier() for n in names),
+           f"data.template fields must be column names in braces (no positional '{{}}', no '{{a.b}}'), got {template!r}")
+    return names
+
+
+def _map_key(k: Any) -> str:
+    """A response_map key as the label text it matches: integers (and integral floats) by their decimal form."""
+    if isinstance(k, bool):
+        return str(k).lower()
+    if isinstance(k, float) and math.isfinite(k) and k == int(k):
+        k = int(k)
+    return str(k).strip()
 
 
 INIT_STRATEGIES = ("public", "dp", "random")
@@ -195,6 +255,9 @@ class TrainConfig:
     client_fraction: float = field(default=1.0, metadata={"help": "fraction of clients sampled per round"})
     weighting: str = field(default="size", metadata={"help": "size | uniform"})
     eval_batch_size: int = 256
+    eval_examples: int | None = field(default=None, metadata={
+        "help": "score only the first N records of the held-out test split (a random split already); default all. "
+                "For instruct, greedy generation over the test prompts dominates the evaluation time"})
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"method must be one of {list(METHODS)}, got {self.method!r}")
@@ -207,6 +270,8 @@ class TrainConfig:
         _check(0 < self.client_fraction <= 1, f"client_fraction must be in (0, 1], got {self.client_fraction!r}")
         _check(self.weighting in ("size", "uniform"), f"weighting must be 'size' or 'uniform', got {self.weighting!r}")
         _pos_int("eval_batch_size", self.eval_batch_size)
+        if self.eval_examples is not None:
+            _pos_int("eval_examples", self.eval_examples)
 
 
 @dataclass(frozen=True)
@@ -270,19 +335,41 @@ class RunConfig:
                f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.seed is not None:
             _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
-        _check(self.init.strategy != "dp" or self.train.method == "fed-sb",
-               f"init 'dp' estimates LoRA-SB's B and A and applies to method fed-sb only, got method {self.train.method!r}")
+        spec = method_spec(self.train.method)
+        _check(self.init.strategy != "dp" or spec.server_init,
+               f"init 'dp' estimates LoRA-SB's B and A and applies to method {', '.join(names_with('server_init'))} only, "
+               f"got method {self.train.method!r}")
         _check(self.data.canary_clients == 0 or self.privacy.client_level,
                "data.canary_clients audits a client-level claim: it needs privacy.unit client or both, "
                f"got privacy.unit={self.privacy.unit!r}, privacy.enabled={self.privacy.enabled!r}")
-        _check(not (self.data.canaries or self.data.canary_clients) or self.train.method == "fed-sb",
-               "data.canaries and data.canary_clients need method fed-sb: dpfed audit reads LoRA-SB runs only, "
-               f"got method {self.train.method!r}")
-        _check(not self.privacy.client_level or self.train.method == "fed-sb",
-               f"privacy.unit client|both (DP-FedAvg) is implemented for method fed-sb only, got method {self.train.method!r}")
+        _check(not (self.data.canaries or self.data.canary_clients) or spec.auditable,
+               f"data.canaries and data.canary_clients need method {', '.join(names_with('auditable'))}: dpfed audit "
+               f"reads LoRA-SB runs only, got method {self.train.method!r}")
+        _check(not self.privacy.client_level or spec.client_level_dp,
+               f"privacy.unit client|both (DP-FedAvg) is implemented for method {', '.join(names_with('client_level_dp'))} "
+               f"only, got method {self.train.method!r}")
         _check(self.init.strategy != "dp" or self.privacy.record_level,
                "init 'dp' needs record-level DP (its cost goes into each client's record-level ledger), "
                f"got privacy.unit={self.privacy.unit!r}, privacy.enabled={self.privacy.enabled!r}")
+        if self.model.task == "instruct":
+            d = self.data
+            _check(d.response_column is not None,
+                   "data.response_column must name the column holding the response for model.task 'instruct', got null")
+            _check((d.prompt_column is None) != (d.template is None),
+                   "model.task 'instruct' needs exactly one of data.prompt_column and data.template, got "
+                   f"prompt_column={d.prompt_column!r}, template={d.template!r}")
+            _check(not d.canaries and not d.audit_holdout,
+                   f"data.canaries and data.audit_holdout (dpfed audit) are not implemented for model.task 'instruct' yet, "
+                   f"got canaries={d.canaries}, audit_holdout={d.audit_holdout}")
+            _check(d.public_source is None, "data.public_source is not used by model.task 'instruct' (it has no head and no "
+                   f"public initialisation), got {d.public_source!r}")
+            _check(self.init.strategy != "public" and self.init.head != "public",
+                   "init 'public' (strategy or head) is not implemented for model.task 'instruct': use init.strategy random "
+                   f"or dp and init.head random, got strategy={self.init.strategy!r}, head={self.init.head!r}")
+        else:
+            _check(not self.data.instruct_keys_set,
+                   f"data.{', data.'.join(self.data.instruct_keys_set)} apply to model.task 'instruct' only, "
+                   f"got model.task {self.model.task!r}")
         _check(self.init.strategy != "dp" or not self.privacy.client_level,
                "init 'dp' releases each site's noised gradient sum, protected per record but not per client (one "
                "site's whole data moves it without a client-level bound): use init 'random' or 'public' with "

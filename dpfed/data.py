@@ -268,6 +268,13 @@ def _open(source: str) -> tuple[list[str], Rows]:
     return _json_rows(path, lines=kind == "jsonl")
 
 
+def open_rows(source: str) -> tuple[list[str], Rows]:
+    """``(columns, rows)`` of ``source`` (embedded name, local file or hub dataset), unvalidated; each row is
+    ``(row number, mapping)``, or a malformed-row marker with ``problem`` and ``value`` (``dpfed.instruct`` reads its
+    prompt/response columns through this)."""
+    return _open(source)
+
+
 # -- validating values ------------------------------------------------------------------------------------------------
 
 def _text(v: Any) -> tuple[str | None, str]:

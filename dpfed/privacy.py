@@ -20,8 +20,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from accounting.sampling import exact_rate, sample_rate  # noqa: F401  (re-exported: the rates poisson_sample draws)
-from dpfed.adapters.lorasb import per_sample_mode, per_sample_weight_mode
 from dpfed.errors import ConfigError, PrivacyCheckError
+from dpfed.instruct import response_loss
+from dpfed.persample import per_sample_mode, per_sample_weight_mode
 
 
 @dataclass(frozen=True)
@@ -135,10 +136,17 @@ def poisson_sample(n: int, q: float, *, generator: torch.Generator) -> torch.Ten
 
 
 def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: str) -> torch.Tensor:
-    """One loss per example, shape (B,). Causal LM: mean next-token loss over the example's tokens."""
+    """One loss per example, shape (B,).
+
+    Causal LM: mean next-token loss over the example's tokens. Instruct: mean next-token loss over
+    the response tokens only (``batch["labels"]`` is -100 at prompt and padding positions), the LM
+    head evaluated at those positions only (:func:`dpfed.instruct.response_loss`).
+    """
     if task == "classification":
         logits = model(batch["input_ids"], batch["attention_mask"], hidden=batch.get("hidden"))  # (B, K)
         return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+    if task == "instruct":
+        return response_loss(model, batch)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1].float()  # (B, T-1, V)
     target = batch["input_ids"][:, 1:]

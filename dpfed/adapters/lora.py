@@ -33,7 +33,6 @@ from torch import nn
 
 from dpfed.adapters.lorasb import PerSampleLinear
 
-LORA_METHODS = ("fedit", "ffa-lora", "fedex-lora", "flora")
 ADAPTER = "default"
 
 

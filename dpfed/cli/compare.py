@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from dpfed import config as cfgmod
+from dpfed.cli import options
 from dpfed.errors import ConfigError
 
 DEFAULT_COMPARE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "compare.yaml"
@@ -40,28 +42,31 @@ def compare(
     seeds: Annotated[int, typer.Option(help="seeds 0..N-1 (after --seed) for mean ± std")] = 1,
     seed: Annotated[int, typer.Option(help="first seed")] = 0,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config (default: configs/compare.yaml)")] = None,
-    delta: Annotated[Optional[float], typer.Option(help="δ per record")] = None,
-    model: Annotated[Optional[str], typer.Option(help="embedded:all-minilm-l6-v2, a local folder, or a hub id")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="embedded:rotten_tomatoes, a csv/json/jsonl path, or a hub dataset")] = None,
-    text_column: Annotated[Optional[str], typer.Option(help="column holding the text")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="column holding the label")] = None,
-    clients: Annotated[Optional[int], typer.Option(help="number of simulated sites")] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="federated rounds")] = None,
-    local_steps: Annotated[Optional[int], typer.Option(help="DP-SGD steps per client per round")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="expected Poisson batch size")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="client learning rate (all methods)")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="rank r of every method")] = None,
-    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA baselines' alpha (scaling alpha/r)")] = None,
-    clip: Annotated[Optional[float], typer.Option(help="per-sample clipping norm C")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
+    delta: options.Delta = None,
+    model: options.Model = None,
+    dataset: options.Dataset = None,
+    text_column: options.TextColumn = None,
+    label_column: options.LabelColumn = None,
+    labels: options.Labels = None,
+    public_data: options.PublicData = None,
+    public_fraction: options.PublicFraction = None,
+    drop_invalid: options.DropInvalid = False,
+    clients: options.Clients = None,
+    rounds: options.Rounds = None,
+    local_steps: options.LocalSteps = None,
+    batch_size: options.BatchSize = None,
+    lr: options.Lr = None,
+    rank: options.Rank = None,
+    lora_alpha: options.LoraAlpha = None,
+    clip: options.Clip = None,
+    device: options.Device = None,
     out: Annotated[Optional[Path], typer.Option(help="output directory (new or empty)")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+    fmt: options.Format = "table",
 ) -> None:
     """Train every method at every ε on the same data, clients and seeds; write compare.json/.md and plots."""
     from rich.console import Console
     from rich.table import Table
 
-    from dpfed import config as cfgmod
     from dpfed.compare import aggregate_seeds, compare as run_compare, markdown, plots
     from dpfed.config import METHODS
 
@@ -76,15 +81,15 @@ def compare(
         raise ConfigError(f"seeds must be an integer >= 1, got {seeds}")
     if seed < 0:
         raise ConfigError(f"seed must be an integer >= 0, got {seed}")
-    path = config or DEFAULT_COMPARE_CONFIG
-    base = cfgmod.load(path) if path.is_file() else cfgmod.RunConfig()
-    base = cfgmod.override(base, **{
-        "privacy.delta": delta, "privacy.clip": clip, "model.name": model, "model.rank": rank,
-        "model.lora_alpha": lora_alpha, "data.source": dataset, "data.text_column": text_column,
-        "data.label_column": label_column, "data.num_clients": clients, "train.rounds": rounds,
-        "train.local_steps": local_steps, "train.batch_size": batch_size, "train.lr": lr, "device": device,
-        "init.strategy": "random" if base.init.strategy == "dp" else None,
-    })
+    base = options.base_config(config, default=DEFAULT_COMPARE_CONFIG)
+    if base.init.strategy == "dp":  # init 'dp' is Fed-SB only: every method starts data-free
+        base = cfgmod.override(base, **{"init.strategy": "random"})
+    base, notes = options.run_config(
+        base, delta=delta, model=model, dataset=dataset, text_column=text_column, label_column=label_column,
+        labels=labels, public_data=public_data, public_fraction=public_fraction, drop_invalid=drop_invalid,
+        clients=clients, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr, rank=rank,
+        lora_alpha=lora_alpha, clip=clip, device=device,
+    )
     if base.privacy.client_level:
         raise ConfigError("compare runs record-level DP only: privacy.unit must be 'record', got "
                           f"{base.privacy.unit!r}")
@@ -94,6 +99,8 @@ def compare(
     out_dir.mkdir(parents=True, exist_ok=True)
     err = Console(stderr=True)
     quiet = fmt == "json"
+    for line in notes:
+        err.print(line, style="yellow", markup=False, highlight=False, soft_wrap=True)
 
     def progress(kind, info):
         if quiet:
@@ -109,8 +116,8 @@ def compare(
     rows = run_compare(base, methods=chosen, epsilons=eps_list, seeds=list(range(seed, seed + seeds)), out=out_dir,
                        progress=progress)
     table_rows = aggregate_seeds(rows)
-    result = {"methods": table_rows, "cells": rows, "config": str(path), "delta": base.privacy.delta,
-              "seeds": list(range(seed, seed + seeds)), "wall_seconds": time.time() - t0,
+    result = {"methods": table_rows, "cells": rows, "config": str(config or DEFAULT_COMPARE_CONFIG),
+              "delta": base.privacy.delta, "seeds": list(range(seed, seed + seeds)), "wall_seconds": time.time() - t0,
               "note": "same (epsilon, delta), sample rate, steps and noise multiplier for every method; "
                       "noise_amplification = ||dW_noisy - dW_clean||_F / ||dW_clean||_F at the end, over all adapted "
                       "layers, from a noise-free twin run with the same sampled batches"}

@@ -16,44 +16,49 @@ from typing import Annotated, Optional
 
 import typer
 
+from dpfed import config as cfgmod
+from dpfed.cli import options
 from dpfed.errors import ConfigError
 
 
 def flower_local(
     sites: Annotated[int, typer.Option(help="number of sites (SuperNodes), one demo partition each")] = 3,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config (default: the built-in demo defaults)")] = None,
-    epsilon: Annotated[Optional[float], typer.Option(help="per-site record-level ε budget (upper bound, PRV); each site enforces it")] = None,
-    delta: Annotated[Optional[float], typer.Option(help="δ per record; must be < 1/(smallest site size)")] = None,
-    model: Annotated[Optional[str], typer.Option(help="embedded:all-minilm-l6-v2, a local folder, or a hub id")] = None,
-    task: Annotated[Optional[str], typer.Option(help="classification | causal-lm")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="embedded:rotten_tomatoes, a csv/json/jsonl path, or a hub dataset")] = None,
-    text_column: Annotated[Optional[str], typer.Option(help="column holding the text")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="column holding the label")] = None,
-    partition: Annotated[Optional[str], typer.Option(help="iid | dirichlet")] = None,
-    dirichlet_alpha: Annotated[Optional[float], typer.Option(help="α of the Dirichlet label partition")] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="federated rounds")] = None,
-    local_steps: Annotated[Optional[int], typer.Option(help="DP-SGD steps per site per round")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="expected Poisson batch size (q = b / n_site)")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="site learning rate")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA-SB rank r")] = None,
-    target_modules: Annotated[Optional[str], typer.Option(help="comma-separated Linear names to adapt")] = None,
-    clip: Annotated[Optional[float], typer.Option(help="per-sample clipping norm C")] = None,
-    noise_multiplier: Annotated[Optional[float], typer.Option(help="σ (default: calibrated from --epsilon)")] = None,
-    client_fraction: Annotated[Optional[float], typer.Option(help="fraction of sites per round")] = None,
-    init: Annotated[Optional[str], typer.Option(help="public | random")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="fix all randomness, the sites' noise included (reproducibility only)")] = None,
+    config: options.Config = None,
+    epsilon: options.Epsilon = None,
+    delta: options.Delta = None,
+    model: options.Model = None,
+    task: options.Task = None,
+    dataset: options.Dataset = None,
+    text_column: options.TextColumn = None,
+    label_column: options.LabelColumn = None,
+    labels: options.Labels = None,
+    public_data: options.PublicData = None,
+    public_fraction: options.PublicFraction = None,
+    drop_invalid: options.DropInvalid = False,
+    partition: options.Partition = None,
+    dirichlet_alpha: options.DirichletAlpha = None,
+    rounds: options.Rounds = None,
+    local_steps: options.LocalSteps = None,
+    batch_size: options.BatchSize = None,
+    lr: options.Lr = None,
+    rank: options.Rank = None,
+    target_modules: options.TargetModules = None,
+    clip: options.Clip = None,
+    noise_multiplier: options.NoiseMultiplier = None,
+    client_fraction: options.ClientFraction = None,
+    # options.Init's values less 'dp': the accounted initialisation runs in process only
+    init: Annotated[Optional[str], typer.Option("--init", help="public | random")] = None,
+    device: options.Device = None,
+    seed: options.Seed = None,
     min_sites: Annotated[int, typer.Option(help="a round completes when at least this many sites answered validly")] = 1,
     round_timeout: Annotated[float, typer.Option(help="seconds to wait for one round's replies")] = 600.0,
     tls: Annotated[bool, typer.Option("--tls", help="TLS with a throwaway CA and SuperNode authentication (default: --insecure on loopback)")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="run directory (must not exist or be empty)")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+    out: options.Out = None,
+    fmt: options.Format = "table",
 ) -> None:
     """Run Fed-SB under per-site record-level DP on a local Flower deployment (SuperLink + N SuperNodes)."""
     from rich.console import Console
 
-    from dpfed import config as cfgmod
-    from dpfed.cli.train import DEFAULT_CONFIG, _split
     from dpfed.flower.local import FlowerRunError, LocalDeployment, bin_dir, shim_app, write_toml
     from dpfed.flower.settings import check_supported
 
@@ -65,16 +70,13 @@ def flower_local(
         raise ConfigError(f"min-sites must be in [1, sites = {sites}], got {min_sites}")
     if not round_timeout > 0:
         raise ConfigError(f"round-timeout must be a number of seconds > 0, got {round_timeout}")
-    cfg = cfgmod.load(config) if config is not None else (cfgmod.load(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else cfgmod.RunConfig())
-    cfg = cfgmod.override(
-        cfg,
-        **{"privacy.epsilon": epsilon, "privacy.delta": delta, "privacy.clip": clip,
-           "privacy.noise_multiplier": noise_multiplier,
-           "model.name": model, "model.task": task, "model.rank": rank, "model.target_modules": _split(target_modules),
-           "data.source": dataset, "data.text_column": text_column, "data.label_column": label_column,
-           "data.num_clients": sites, "data.partition": partition, "data.dirichlet_alpha": dirichlet_alpha,
-           "train.rounds": rounds, "train.local_steps": local_steps, "train.batch_size": batch_size, "train.lr": lr,
-           "train.client_fraction": client_fraction, "init.strategy": init, "device": device, "seed": seed},
+    cfg, notes = options.run_config(
+        options.base_config(config), epsilon=epsilon, delta=delta, model=model, task=task, dataset=dataset,
+        text_column=text_column, label_column=label_column, labels=labels, public_data=public_data,
+        public_fraction=public_fraction, drop_invalid=drop_invalid, clients=sites, partition=partition,
+        dirichlet_alpha=dirichlet_alpha, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
+        rank=rank, target_modules=target_modules, client_fraction=client_fraction, init=init, device=device,
+        seed=seed, clip=clip, noise_multiplier=noise_multiplier,
     )
     check_supported(cfg)
     bin_dir()  # flwr installed?
@@ -100,6 +102,8 @@ def flower_local(
         nodes.append(node)
     err = Console(stderr=True)
     quiet = fmt == "json"
+    for line in notes:
+        err.print(line, style="yellow", markup=False, highlight=False, soft_wrap=True)
     shown = [0]
 
     def show_rounds() -> None:  # the server appends one line per round

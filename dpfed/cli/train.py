@@ -9,104 +9,80 @@ from typing import Annotated, Optional
 
 import typer
 
+from dpfed import config as cfgmod
+from dpfed.cli import options
 from dpfed.errors import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-
-
-def _split(v: Optional[str]) -> Optional[tuple[str, ...]]:
-    return None if v is None else tuple(x.strip() for x in v.split(",") if x.strip())
+RESUME_FLAGS = ("--resume", "--device", "--format", "--ledger-key")  # the only options --resume accepts
 
 
 def train(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config (default: the built-in demo defaults)")] = None,
-    epsilon: Annotated[Optional[float], typer.Option(help="per-client record-level ε budget (upper bound, PRV)")] = None,
-    delta: Annotated[Optional[float], typer.Option(help="δ per record; must be < 1/(smallest client size)")] = None,
-    model: Annotated[Optional[str], typer.Option(help="embedded:all-minilm-l6-v2, a local folder, or a hub id")] = None,
-    task: Annotated[Optional[str], typer.Option(help="classification | causal-lm")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="embedded:rotten_tomatoes, a csv/tsv/json/jsonl/parquet file, or a hub dataset; "
-                                                   "a user dataset gets no public slice unless one is declared")] = None,
-    text_column: Annotated[Optional[str], typer.Option(help="column holding the text (default: text)")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="column holding the label (default: label)")] = None,
-    labels: Annotated[Optional[str], typer.Option(help="the label set, comma-separated, in head-index order "
-                                                  "(default: the labels of the test split and the public data)")] = None,
-    public_data: Annotated[Optional[str], typer.Option(help="a file of records declared public (same columns): fits the "
-                                                       "head/init without DP, outside ε")] = None,
-    public_fraction: Annotated[Optional[float], typer.Option(help="declare this fraction of the dataset public (fits the "
-                                                             "head/init without DP, outside ε; the count is printed)")] = None,
-    drop_invalid: Annotated[bool, typer.Option("--drop-invalid", help="drop records with an empty/NaN label or a null/empty "
-                                               "text (the count is printed) instead of refusing the file")] = False,
+    ctx: typer.Context,
+    config: options.Config = None,
+    epsilon: options.Epsilon = None,
+    delta: options.Delta = None,
+    model: options.Model = None,
+    task: options.Task = None,
+    dataset: options.Dataset = None,
+    text_column: options.TextColumn = None,
+    label_column: options.LabelColumn = None,
+    labels: options.Labels = None,
+    public_data: options.PublicData = None,
+    public_fraction: options.PublicFraction = None,
+    drop_invalid: options.DropInvalid = False,
     print_config: Annotated[bool, typer.Option("--print-config", help="print the resolved config (YAML) and exit")] = False,
-    clients: Annotated[Optional[int], typer.Option(help="number of simulated sites")] = None,
-    partition: Annotated[Optional[str], typer.Option(help="iid | dirichlet")] = None,
-    dirichlet_alpha: Annotated[Optional[float], typer.Option(help="α of the Dirichlet label partition")] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="federated rounds")] = None,
-    local_steps: Annotated[Optional[int], typer.Option(help="DP-SGD steps per client per round")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="expected Poisson batch size (q = b / n_client)")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="client learning rate")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA-SB rank r")] = None,
-    target_modules: Annotated[Optional[str], typer.Option(help="comma-separated Linear names to adapt")] = None,
-    clip: Annotated[Optional[float], typer.Option(help="per-sample clipping norm C")] = None,
-    noise_multiplier: Annotated[Optional[float], typer.Option(help="σ (default: calibrated from --epsilon)")] = None,
-    client_fraction: Annotated[Optional[float], typer.Option(help="fraction of clients per round")] = None,
-    method: Annotated[Optional[str], typer.Option(help="federated method (fed-sb)")] = None,
-    init: Annotated[Optional[str], typer.Option(help="public | dp (DP estimate from client data, in the ledger) | random")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="fix all randomness (noise included) for reproducibility")] = None,
-    privacy_unit: Annotated[Optional[str], typer.Option(help="record (local DP-SGD) | client (DP-FedAvg; trusted server adds noise) | both")] = None,
-    client_clip: Annotated[Optional[float], typer.Option(help="client-level: L2 clip S of each client's update")] = None,
-    client_noise_multiplier: Annotated[Optional[float], typer.Option(help="client-level σ_c (default: calibrated from --client-epsilon)")] = None,
-    client_epsilon: Annotated[Optional[float], typer.Option(help="client-level ε budget over all rounds (PRV upper bound)")] = None,
-    client_delta: Annotated[Optional[float], typer.Option(help="client-level δ (default: --delta); must be < 1/clients")] = None,
+    clients: options.Clients = None,
+    partition: options.Partition = None,
+    dirichlet_alpha: options.DirichletAlpha = None,
+    rounds: options.Rounds = None,
+    local_steps: options.LocalSteps = None,
+    batch_size: options.BatchSize = None,
+    lr: options.Lr = None,
+    rank: options.Rank = None,
+    target_modules: options.TargetModules = None,
+    clip: options.Clip = None,
+    noise_multiplier: options.NoiseMultiplier = None,
+    client_fraction: options.ClientFraction = None,
+    method: options.Method = None,
+    init: options.Init = None,
+    device: options.Device = None,
+    seed: options.Seed = None,
+    privacy_unit: options.PrivacyUnit = None,
+    client_clip: options.ClientClip = None,
+    client_noise_multiplier: options.ClientNoiseMultiplier = None,
+    client_epsilon: options.ClientEpsilon = None,
+    client_delta: options.ClientDelta = None,
     resume: Annotated[Optional[Path], typer.Option(help="continue RUN_DIR from its last checkpoint and ledger (other options except --device/--format/--ledger-key are refused)")] = None,
     ledger_key: Annotated[Optional[Path], typer.Option(help="HMAC key file for the ledger (created mode 0600 if missing; keep it outside the run directory): edits by anyone without it are detected")] = None,
-    canaries: Annotated[Optional[int], typer.Option(help="plant M audit canaries (each with probability 1/2) for dpfed audit")] = None,
-    canary_kind: Annotated[Optional[str], typer.Option(help="gradient (default; white-box: fixed per-sample gradients) | random-words (input-space records)")] = None,
-    no_dp: Annotated[bool, typer.Option("--no-dp", help="train without DP (comparison only: NO privacy guarantee)")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="run directory (must not exist or be empty)")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+    canaries: options.Canaries = None,
+    canary_kind: options.CanaryKind = None,
+    no_dp: options.NoDp = False,
+    out: options.Out = None,
+    fmt: options.Format = "table",
 ) -> None:
     """Fine-tune with Fed-SB across simulated sites under per-client record-level DP."""
     from rich.console import Console
 
-    from dpfed import config as cfgmod
     from dpfed.runner import claim_run_dir, release_claim
 
     if fmt not in ("table", "json"):
         raise ConfigError(f"format must be 'table' or 'json', got {fmt!r}")
     if resume is not None:
-        given = [k for k, v in locals().items()
-                 if k not in ("resume", "fmt", "device", "no_dp", "ledger_key") and not k.startswith("_") and v is not None
-                 and k in _OPTION_NAMES]
-        given += [k for k, v in (("no_dp", no_dp), ("drop_invalid", drop_invalid), ("print_config", print_config)) if v]
-        if given:
-            raise ConfigError(f"--resume continues a run with its recorded config; got other options: "
-                              f"{', '.join('--' + g.replace('_', '-') for g in given)}")
+        refused = [flag for flag in options.given(ctx) if flag not in RESUME_FLAGS]
+        if refused:
+            raise ConfigError(f"--resume continues a run with its recorded config; got other options: {', '.join(refused)}")
         _resume(resume, device=device, fmt=fmt, key=_ledger_key(ledger_key, create=False))
         return
-    cfg = cfgmod.load(config) if config is not None else (cfgmod.load(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else cfgmod.RunConfig())
-    replaced = dataset is not None and dataset != cfg.data.source
-    cfg = cfgmod.override(
-        cfg,
-        **{"privacy.epsilon": epsilon, "privacy.delta": delta, "privacy.clip": clip,
-           "privacy.noise_multiplier": noise_multiplier, "privacy.enabled": False if no_dp else None,
-           "model.name": model, "model.task": task, "model.rank": rank, "model.target_modules": _split(target_modules),
-           "data.source": dataset, "data.text_column": text_column, "data.label_column": label_column,
-           "data.labels": _split(labels), "data.public_source": public_data, "data.public_fraction": public_fraction,
-           "data.drop_invalid": True if drop_invalid else None,
-           "data.num_clients": clients, "data.canaries": canaries, "data.canary_kind": canary_kind, "data.partition": partition, "data.dirichlet_alpha": dirichlet_alpha,
-           "train.rounds": rounds, "train.local_steps": local_steps, "train.batch_size": batch_size, "train.lr": lr,
-           "train.client_fraction": client_fraction, "train.method": method, "init.strategy": init,
-           "privacy.unit": privacy_unit, "privacy.client_clip": client_clip,
-           "privacy.client_noise_multiplier": client_noise_multiplier, "privacy.client_epsilon": client_epsilon,
-           "privacy.client_delta": client_delta,
-           "device": device, "seed": seed},
+    cfg, notes = options.run_config(
+        options.base_config(config), epsilon=epsilon, delta=delta, model=model, task=task, dataset=dataset,
+        text_column=text_column, label_column=label_column, labels=labels, public_data=public_data,
+        public_fraction=public_fraction, drop_invalid=drop_invalid, clients=clients, partition=partition,
+        dirichlet_alpha=dirichlet_alpha, canaries=canaries, canary_kind=canary_kind, rounds=rounds,
+        local_steps=local_steps, batch_size=batch_size, lr=lr, rank=rank, target_modules=target_modules,
+        client_fraction=client_fraction, method=method, init=init, device=device, seed=seed, clip=clip,
+        noise_multiplier=noise_multiplier, no_dp=no_dp, privacy_unit=privacy_unit, client_clip=client_clip,
+        client_noise_multiplier=client_noise_multiplier, client_epsilon=client_epsilon, client_delta=client_delta,
     )
-    notes: list[str] = []
-    if replaced and public_fraction is None:  # the config's public_fraction was declared for its own dataset
-        cfg, line = _no_public_slice(cfg, init_given=init is not None)
-        notes += [line] if line else []
-    cfg = cfgmod.resolve_data_paths(cfg)  # absolute: --resume works from anywhere; a missing path is an error, not a hub lookup
     if print_config:
         for line in notes:
             Console(stderr=True).print(line, markup=False, highlight=False, soft_wrap=True)
@@ -140,6 +116,7 @@ def _ledger_key(path: Optional[Path], *, create: bool = True) -> Optional[bytes]
 def _train_claimed(cfg, run_dir: Path, *, created: bool, notes: list[str], fmt: str, key: Optional[bytes]) -> dict:
     from rich.console import Console
 
+    from attacks.plan import audit_plan
     from dpfed.runner import prepare, run
 
     err = Console(stderr=True)
@@ -152,7 +129,7 @@ def _train_claimed(cfg, run_dir: Path, *, created: bool, notes: list[str], fmt: 
             notes.extend(info["notes"])
 
     with err.status("preparing data, model and adapter...", spinner="dots") if not quiet else _Null():
-        job = prepare(cfg, progress=on_setup)
+        job = prepare(cfg, progress=on_setup, audit=audit_plan(cfg))  # the CLI composes the audit: core never imports attacks
     # printed once everything is validated, so that a refused run prints its one error line only
     for line in notes:
         err.print(line, style="yellow", markup=False, highlight=False, soft_wrap=True)
@@ -164,37 +141,10 @@ def _train_claimed(cfg, run_dir: Path, *, created: bool, notes: list[str], fmt: 
     return run(job, run_dir, progress=_progress(err, cfg, quiet), ledger_key=key, claimed=created)
 
 
-def _no_public_slice(cfg, *, init_given: bool):
-    """A user dataset that replaced the config's: no slice of it is public; without a public file, init/head leave 'public'."""
-    from dpfed import config as cfgmod
-
-    changes = {"data.public_fraction": 0.0}
-    switched = []
-    if cfg.data.public_source is None:
-        if cfg.init.head == "public":
-            changes["init.head"] = "random"
-            switched.append("init.head")
-        if cfg.init.strategy == "public" and not init_given:
-            changes["init.strategy"] = "random"
-            switched.append("init.strategy")
-    cfg = cfgmod.override(cfg, **changes)
-    if not switched:
-        return cfg, ""
-    return cfg, (f"--dataset {cfg.data.source}: no public data declared, so no public slice; {' and '.join(switched)} "
-                 f"'public' -> 'random' (declare public records with --public-data FILE or --public-fraction F)")
-
-
-_OPTION_NAMES = ("config", "epsilon", "delta", "model", "task", "dataset", "text_column", "label_column", "clients",
-                 "partition", "dirichlet_alpha", "rounds", "local_steps", "batch_size", "lr", "rank", "target_modules",
-                 "clip", "noise_multiplier", "client_fraction", "method", "init", "seed", "out", "privacy_unit",
-                 "client_clip", "client_noise_multiplier", "client_epsilon", "client_delta", "canaries", "canary_kind",
-                 "labels", "public_data", "public_fraction")
-
-
 def _resume(run_dir: Path, *, device: Optional[str], fmt: str, key: Optional[bytes]) -> None:
     from rich.console import Console
 
-    from dpfed import config as cfgmod
+    from attacks.plan import audit_plan
     from dpfed.runner import resume
 
     if not run_dir.is_dir():
@@ -202,7 +152,7 @@ def _resume(run_dir: Path, *, device: Optional[str], fmt: str, key: Optional[byt
     err = Console(stderr=True)
     quiet = fmt == "json"
     cfg = cfgmod.load(run_dir / "config.yaml")
-    summary = resume(run_dir, device=device, progress=_progress(err, cfg, quiet), ledger_key=key)
+    summary = resume(run_dir, device=device, progress=_progress(err, cfg, quiet), ledger_key=key, audit=audit_plan)
     if quiet:
         print(json.dumps(summary, indent=2))
         return

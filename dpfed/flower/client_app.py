@@ -120,7 +120,10 @@ def train(msg: Message, context: Context, settings, run: rec.RunMessage) -> Mess
     cfg = _server_config(run)
     if rec.STATE_KEY not in context.state:
         raise DpfedError("this site holds no frozen factors for the run (no handshake); it needs a new handshake")
-    frozen = rec.from_record(context.state.array_records[rec.STATE_KEY])
+    # methods that fold into W0 (FedEx-LoRA, FLoRA) send the current frozen tensors with every round
+    frozen_record = (msg.content.array_records[rec.FROZEN] if rec.FROZEN in msg.content.array_records
+                     else context.state.array_records[rec.STATE_KEY])
+    frozen = rec.from_record(frozen_record)
     if rec.digest(frozen) != run.frozen_sha256:
         raise DpfedError("frozen factors announced by the server differ from the ones this site received")
     global_state = rec.from_record(msg.content.array_records[rec.ARRAYS])

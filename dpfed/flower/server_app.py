@@ -13,9 +13,8 @@ reported with their accepted replies, so ``dpfed budget`` works on the server's 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,6 @@ from dpfed.flower import records as rec
 from dpfed.flower.settings import ServerSettings, check_supported
 from dpfed.flower.strategy import FedSBStrategy, SiteInfo, reply_node
 from dpfed.payload import Manifest
-from dpfed.privacy import sample_rate
-from dpfed.release import release, unit_of
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +89,7 @@ def serve(grid: Grid, settings: ServerSettings, *, progress=_noop) -> dict[str, 
     if job.dp and cfg.privacy.noise_multiplier is None and sorted(sizes) != sorted(len(s) for s in job.shards):
         from dpfed.runner import calibrate
 
-        job.noise_multiplier = calibrate(cfg, sizes)  # plan σ for the sites' own sizes
+        job = dataclasses.replace(job, noise_multiplier=calibrate(cfg, sizes))  # plan σ for the sites' own sizes
     return _run(job, run_dir, grid, strategy, meet, settings, global_state, progress)
 
 
@@ -117,10 +114,10 @@ class _Handshake:
         self.seen: set[int] = set()
         self.refusals: list[str] = []
 
-    def record(self, server_round: int, noise_multiplier: float | None):
+    def record(self, server_round: int, noise_multiplier: float | None, frozen_sha256: str | None = None):
         return rec.run_record(server_round=server_round, cfg_yaml=self.cfg_yaml, split_seed=self.split_seed,
                               label_names=self.label_names, noise_multiplier=noise_multiplier,
-                              frozen_sha256=self.frozen_sha256)
+                              frozen_sha256=frozen_sha256 or self.frozen_sha256)
 
     def new_nodes(self) -> None:
         """Handshake with every connected node not met yet; a node that errs or clashes is retried next time."""
@@ -161,119 +158,91 @@ class _Handshake:
         self.refusals.extend(news)
 
 
-def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handshake, settings: ServerSettings,
-         global_state, progress) -> dict[str, Any]:
-    from accounting.ledger import Ledger
-    from accounting.prv import epsilon as prv_epsilon
-    from dpfed import config as cfgmod
-    from dpfed.adapters.lorasb import load_trainable_state
-    from dpfed.payload import KIND_DOWN, KIND_UP, encode
-    from dpfed.runner import (LEDGER, RUN_JSON, build_summary, checkpoint_meta, evaluate, save_checkpoint, save_state,
-                              sha256_hex, write_json)
+class FlowerSites:
+    """The sites of a Flower run behind :class:`dpfed.session.Transport`: the same round loop as ``dpfed train``.
 
-    cfg = job.cfg
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_text = cfgmod.to_yaml(cfg)
-    (run_dir / "config.yaml").write_text(config_text)
-    if job.dp:
-        write_json(run_dir / "budget.json", {"accountant": "prv", "epsilon": cfg.privacy.epsilon,
-                                              "delta": cfg.privacy.delta, "privacy_unit": "record"})
-    ledger = Ledger(run_dir / LEDGER)
-    save_state(run_dir / "initial_state.safetensors", global_state)
+    A round sends the global state and the run record to the chosen sites through the grid,
+    checks every reply (:meth:`FedSBStrategy.collect`), copies the events each accepted site
+    reports into the server's ``ledger.jsonl`` (the sites' own ledgers stay authoritative) and
+    returns the accepted updates; fewer than ``min-sites`` valid replies abort the round. A site
+    checks its own budget and refuses with a reply, so nothing is checked here beforehand.
+    """
 
-    def evaluate_global() -> dict[str, float]:
-        return evaluate(job.model, job.test, task=cfg.model.task, device=job.device,
-                        batch_size=cfg.train.eval_batch_size, autocast_dtype=job.autocast_dtype)
+    def __init__(self, job, *, grid: Grid, strategy: FedSBStrategy, meet: _Handshake, settings: ServerSettings,
+                 ledger, run_dir: Path) -> None:
+        self.job, self.grid, self.strategy, self.meet, self.settings = job, grid, strategy, meet, settings
+        self.ledger, self.run_dir = ledger, run_dir
+        sites = strategy.sites()
+        self.site_ids = [s.site_id for s in sites]
+        self.site_sizes = {s.site_id: s.num_examples for s in sites}
+        self.seen_sites = set(self.site_ids)
+        self._extras: dict[str, Any] = {}
 
-    eval0 = evaluate_global()
-    write_json(run_dir / RUN_JSON, {
-        "config_sha256": sha256_hex(config_text.encode()), "split_seed": job.split_seed,
-        "seed": job.seed if job.seed_is_user else None, "noise_multiplier": job.noise_multiplier,
-        "client_noise_multiplier": None, "init_info": job.init_info, "initial_eval": eval0,
-        "flower": {"sites": {s.site_id: s.num_examples for s in strategy.sites()}, "min_sites": settings.min_sites},
-    })
-    save_checkpoint(run_dir, round=0, global_state=global_state, frozen=job.method.frozen_state(),
-                    meta=checkpoint_meta(run_dir, ledger, None))
-    (run_dir / "rounds").mkdir(exist_ok=True)
-    manifest = Manifest.of(global_state)
-    metrics_path = run_dir / "metrics.jsonl"
-    t_start = time.time()
-    progress("start", {"rounds": cfg.train.rounds, "sites": len(strategy.roster), "eval": eval0,
-                       "noise_multiplier": job.noise_multiplier})
-    bytes_up, bytes_down, agg_errors, stop_reason, rounds_done, last_eval = [], [], [], "completed", 0, eval0
-    seen_sites = {s.site_id for s in strategy.sites()}
-    for rnd in range(1, cfg.train.rounds + 1):
-        meet.new_nodes()  # a site that (re)joined since the last round gets its handshake first
-        seen_sites |= {s.site_id for s in strategy.sites()}
-        t_round = time.time()
-        arrays = rec.to_record(global_state)
-        down = encode(global_state, manifest, round=rnd, kind=KIND_DOWN)
-        messages = list(strategy.configure_train(rnd, arrays, meet.record(rnd, job.noise_multiplier), grid))
-        replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
-        new_arrays, _ = strategy.aggregate_train(rnd, replies)
-        out = strategy.last
-        if new_arrays is None:
-            stop_reason = (f"round {rnd}: {len(out.accepted)} of {len(out.chosen)} sites answered validly "
-                           f"(minimum {settings.min_sites}); {out.problems()}")
-            log.warning("stopping: %s", stop_reason)
-            break
+    def check_budgets(self, chosen: list[int]) -> None:
+        return None  # each site enforces its own budget and refuses with a reply
+
+    def train(self, rnd: int, chosen: list[int], global_state, progress) -> list:
+        from dpfed.client import ClientResult
+        from dpfed.session import RoundAborted
+
+        if not chosen:  # client-level Poisson sampling chose nobody: the server releases noise only
+            self._extras = {"flower_bytes_up": 0, "sites_rejected": [], "sites_refused": [], "sites_failed": []}
+            return []
+        self.meet.new_nodes()  # a site that (re)joined since the last round gets its handshake first
+        self.seen_sites |= {s.site_id for s in self.strategy.sites()}
+        by_id = {s.site_id: s for s in self.strategy.sites()}
+        missing = [self.site_ids[i] for i in chosen if self.site_ids[i] not in by_id]
+        if missing:
+            raise RoundAborted(f"round {rnd}: sites {missing} are not connected")
+        sites = [by_id[self.site_ids[i]] for i in chosen]
+        frozen = self.job.method.frozen_state()
+        messages = self.strategy.configure_sites(rnd, sites, rec.to_record(global_state),
+                                                 self.meet.record(rnd, self.job.noise_multiplier, rec.digest(frozen)),
+                                                 frozen=rec.to_record(frozen) if self.job.method.spec.folds else None)
+        out = self.strategy.collect(rnd, self.grid.send_and_receive(messages, timeout=self.settings.round_timeout))
+        self._extras = {"flower_bytes_up": sum(a.flower_bytes for a in out.accepted), **_outcome_lists(out)}
+        if len(out.accepted) < self.settings.min_sites:
+            raise RoundAborted(f"round {rnd}: {len(out.accepted)} of {len(out.chosen)} sites answered validly "
+                               f"(minimum {self.settings.min_sites}); {out.problems()}")
         for acc in out.accepted:  # the server's copy of what each site reports having recorded
             for ev in acc.events:
-                ledger.append(client=acc.site_id, round=rnd, event=ev, note=REPORTED_NOTE)
-        global_state = out.aggregate.state
-        agg_errors.append(out.aggregate.error)
-        save_checkpoint(run_dir, round=rnd, global_state=global_state, frozen=job.method.frozen_state(),
-                        meta=checkpoint_meta(run_dir, ledger, None))
-        save_state(run_dir / "rounds" / f"round-{rnd:03d}.safetensors", global_state)
-        ups = [len(encode(a.state, manifest, round=rnd, kind=KIND_UP)) for a in out.accepted]
-        bytes_up.extend(ups)
-        bytes_down.extend([len(down)] * len(out.chosen))
-        load_trainable_state(job.model, global_state)
-        ev = last_eval = evaluate_global()
-        eps_clients = {c: prv_epsilon(ledger.events(c), delta=cfg.privacy.delta).upper
-                       for c in ledger.clients()} if job.dp else {}
-        line = release("metrics", {
-            "round": rnd, "clients": [a.site_id for a in out.accepted], **ev,
-            "epsilon_spent": max(eps_clients.values()) if eps_clients else None,
-            "bytes_up": sum(ups), "bytes_down": len(down) * len(out.chosen),
-            "bytes_up_per_site": len(encode(global_state, manifest, round=rnd, kind=KIND_UP)),
-            "aggregation_error": out.aggregate.error, "seconds": time.time() - t_round,
-            "flower_bytes_up": sum(a.flower_bytes for a in out.accepted), **_outcome_lists(out)}, unit=unit_of(cfg))
-        _append_metrics(metrics_path, line)
-        rounds_done = rnd
-        progress("round", line)
-    job.method.export(run_dir / "adapter", task=cfg.model.task, base_model=cfg.model.name)
-    eps = {c: prv_epsilon(ledger.events(c), delta=cfg.privacy.delta) for c in ledger.clients()} if job.dp else {}
-    trainable = sum(v.numel() for v in global_state.values())
-    sites = strategy.sites()
-    summary = build_summary(job, eps_clients=eps, client_level=None,
-                            sample_rates={s.site_id: sample_rate(cfg.train.batch_size, s.num_examples) for s in sites},
-                            client_sizes={s.site_id: s.num_examples for s in sites},
-                            clients_per_round=max(1, int(math.ceil(cfg.train.client_fraction * len(sites)))),
-                            rounds_done=rounds_done, stop_reason=stop_reason, resumed=None, eval0=eval0,
-                            last_eval=last_eval, bytes_up=bytes_up, bytes_down=bytes_down, agg_errors=agg_errors,
-                            trainable=trainable, t_start=t_start)
-    summary.update({
-        "flower": {
-            "sites": sorted(seen_sites), "min_sites": settings.min_sites, "round_timeout": settings.round_timeout,
-            "replies_rejected": strategy.totals["rejected"], "sites_refused": strategy.totals["refused"],
-            "sites_failed": strategy.totals["failed"], "handshake_refusals": meet.refusals,
+                self.ledger.append(client=acc.site_id, round=rnd, event=ev, note=REPORTED_NOTE)
+        steps = self.job.cfg.train.local_steps
+        results = [ClientResult(a.site_id, rnd, a.state, a.num_examples, a.events, steps) for a in out.accepted]
+        return results
+
+    def round_extras(self) -> dict[str, Any]:
+        return dict(self._extras)
+
+    def summary_extras(self) -> dict[str, Any]:
+        t = self.strategy.totals
+        return {"flower": {
+            "sites": sorted(self.seen_sites), "min_sites": self.settings.min_sites,
+            "round_timeout": self.settings.round_timeout, "replies_rejected": t["rejected"],
+            "sites_refused": t["refused"], "sites_failed": t["failed"], "handshake_refusals": self.meet.refusals,
             "ledgers": "each site keeps its own ledger (node config 'ledger'); ledger.jsonl here holds the events "
                        "the sites reported with their accepted replies",
-        },
-    })
-    write_json(run_dir / "summary.json", summary)
-    return summary
+        }}
+
+
+def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handshake, settings: ServerSettings,
+         global_state, progress) -> dict[str, Any]:
+    """The session's round loop (``dpfed.session``) with the sites behind the grid."""
+    from accounting.ledger import Ledger
+    from dpfed.rundir import LEDGER, SERVER_LEDGER
+    from dpfed.session import start, train_rounds
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(run_dir / LEDGER)
+    # client-level DP (DP-FedAvg): the server clips, adds the noise and keeps the server ledger, as in process
+    server_ledger = Ledger(run_dir / SERVER_LEDGER) if job.client_dp else None
+    sites = FlowerSites(job, grid=grid, strategy=strategy, meet=meet, settings=settings, ledger=ledger, run_dir=run_dir)
+    state0, eval0, init_info = start(job, run_dir, ledger=ledger, server_ledger=server_ledger, progress=progress,
+                                     run_info={"flower": {"sites": sites.site_sizes, "min_sites": settings.min_sites}})
+    return train_rounds(job, run_dir, transport=sites, ledger=ledger, server_ledger=server_ledger, global_state=state0,
+                        start_round=1, seed=job.seed, eval0=eval0, init_info=init_info, progress=progress, resumed=None,
+                        keep_rounds=True)
 
 
 def _outcome_lists(out) -> dict[str, Any]:
     return {"sites_rejected": out.rejected, "sites_refused": out.refused, "sites_failed": out.failed}
-
-
-def _append_metrics(path: Path, line: dict[str, Any]) -> None:
-    import os
-
-    with path.open("a") as fh:
-        fh.write(json.dumps(line) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())

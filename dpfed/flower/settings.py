@@ -197,15 +197,10 @@ class ServerSettings:
 
 def check_supported(cfg: RunConfig) -> None:
     """The rules a Flower run adds to a valid :class:`RunConfig` (what the app implements)."""
-    if cfg.train.method != "fed-sb":
-        raise ConfigError(f"method must be 'fed-sb' in a Flower run (the LoRA baselines run in process only), "
-                          f"got {cfg.train.method!r}")
-    if cfg.privacy.enabled and cfg.privacy.unit != "record":
-        raise ConfigError(f"privacy.unit must be 'record' in a Flower run (client-level DP-FedAvg needs a trusted "
-                          f"server adding noise, which this app does not implement), got {cfg.privacy.unit!r}")
     if cfg.init.strategy == "dp":
         raise ConfigError("init must be 'public' or 'random' in a Flower run (the accounted 'dp' initialisation "
                           "runs in process only), got 'dp'")
-    if cfg.data.canaries or cfg.data.audit_holdout:
+    if cfg.data.canaries or cfg.data.audit_holdout or cfg.data.canary_clients:
         raise ConfigError(f"canaries must be 0 in a Flower run (audits run in process), got "
-                          f"canaries={cfg.data.canaries}, audit_holdout={cfg.data.audit_holdout}")
+                          f"canaries={cfg.data.canaries}, audit_holdout={cfg.data.audit_holdout}, "
+                          f"canary_clients={cfg.data.canary_clients}")

@@ -75,15 +75,18 @@ class Site:
 def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label_names: tuple[str, ...],
                frozen: dict[str, torch.Tensor], noise_multiplier: float | None, round: int,  # noqa: A002
                ledger) -> Site:
-    """Build the site's client for ``round`` (per-round generators, as in :func:`dpfed.runner._train`).
+    """Build the site's client for ``round`` (per-round generators, as in :class:`dpfed.session.InProcessSites`).
 
     ``cfg`` is the server's config; :func:`site_config` applies the site's own choices.
     Sampling and noise generators derive from the site's seed like the in-process runner's
     from the run seed: ``seed → (3, index, round)`` and ``(4, index, round)``.
     """
-    from dpfed.methods import FedSBMethod
-    from dpfed.model import DEFAULT_TARGETS, SequenceClassifier, inject_lorasb, load_base, model_family, resolve_model_path, select_targets
-    from dpfed.runner import enable_prefix_cache, resolve_device, site_generators
+    from dpfed.families import default_targets
+    from dpfed.methods import method_class
+    from dpfed.model import SequenceClassifier, load_base, resolve_model_path, select_targets
+    from dpfed.privacy import make_generator
+    from dpfed.seeds import site_generators
+    from dpfed.setup import enable_prefix_cache, resolve_device
 
     cfg = site_config(cfg, settings)
     device = resolve_device(cfg.device)
@@ -94,11 +97,14 @@ def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label
     if len(shard) == 0:
         raise DataError(f"site {settings.site_id} must hold at least one record, got 0")
     model = load_base(cfg.model.name, task=cfg.model.task, num_labels=max(len(label_names), 2))
-    targets = cfg.model.target_modules or DEFAULT_TARGETS[model_family(getattr(model.config, "model_type", ""))]
+    targets = cfg.model.target_modules or default_targets(getattr(model.config, "model_type", ""))
     names = select_targets(model, tuple(targets), cfg.model.adapt_layers)
-    adapters = inject_lorasb(model, names, rank=cfg.model.rank)
+    method_cls = method_class(cfg.train.method)
+    # the initial factors do not matter here: the global state and the frozen tensors the server sends replace them
+    adapters = method_cls.inject(model, names, rank=cfg.model.rank, alpha=cfg.model.lora_alpha,
+                                 generator=make_generator(0))
     model.to(device)
-    method = FedSBMethod(model, adapters, weighting=cfg.train.weighting)
+    method = method_cls.build(model, adapters, weighting=cfg.train.weighting, seed=0)
     _install_frozen(method, frozen)
     if cfg.model.prefix_cache and isinstance(model, SequenceClassifier):
         enable_prefix_cache(model, names, [shard], device)
@@ -136,7 +142,7 @@ def site_local_path(ledger: Path) -> Path:
 
 
 def _install_frozen(method, frozen: dict[str, torch.Tensor]) -> None:
-    """Install the server's B and A after checking names and shapes against this model."""
+    """Install the server's frozen tensors (Fed-SB's B and A, FFA-LoRA's A, the folded W0) after checking them."""
     expected = {k: tuple(v.shape) for k, v in method.frozen_state().items()}
     if set(frozen) != set(expected):
         missing, extra = sorted(set(expected) - set(frozen))[:3], sorted(set(frozen) - set(expected))[:3]

@@ -98,24 +98,43 @@ class FedSBStrategy(FedAvg):
 
     def select(self, server_round: int) -> list[SiteInfo]:
         """The in-process runner's draw: ``ceil(q·N)`` of the N sites (sorted by id), seeded per round."""
-        from dpfed.runner import child_seed
+        from dpfed.seeds import RunStream, child_seed
 
         sites = self.sites()
         per_round = max(1, int(math.ceil(self.client_fraction * len(sites))))
-        gen = np.random.default_rng(child_seed(self.seed, 5, server_round))
+        gen = np.random.default_rng(child_seed(self.seed, RunStream.SELECT, server_round))
         return [sites[i] for i in sorted(gen.choice(len(sites), size=per_round, replace=False).tolist())]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        chosen = self.select(server_round)
+        return self.configure_sites(server_round, self.select(server_round), arrays, config)
+
+    def configure_sites(self, server_round: int, chosen: list[SiteInfo], arrays: ArrayRecord,
+                        config: ConfigRecord, frozen: ArrayRecord | None = None) -> list[Message]:
+        """The train messages for ``chosen`` (the round loop of :mod:`dpfed.session` chose them).
+
+        ``frozen``: the method's frozen tensors, for methods that change them every round (folds into W0).
+        """
         self.last = RoundOutcome(server_round, chosen)
-        content = RecordDict({rec.ARRAYS: arrays, rec.CONFIG: config})
+        content = RecordDict({rec.ARRAYS: arrays, rec.CONFIG: config, **({rec.FROZEN: frozen} if frozen else {})})
         self.last.sent = [Message(content=content, dst_node_id=s.node_id, message_type=MessageType.TRAIN,
                                   group_id=str(server_round)) for s in chosen]
         return list(self.last.sent)
 
     # -- aggregation ---------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        out = self.collect(server_round, replies)
+        metrics = MetricRecord({"sites-accepted": len(out.accepted), "replies-rejected": len(out.rejected),
+                                "sites-refused": len(out.refused), "sites-failed": len(out.failed)})
+        if len(out.accepted) < self.min_sites:
+            return None, metrics
+        agg = self.method.aggregate([a.state for a in out.accepted], [a.num_examples for a in out.accepted],
+                                    round=server_round)
+        out.aggregate = agg
+        return rec.to_record(agg.state), metrics
+
+    def collect(self, server_round: int, replies: Iterable[Message]) -> RoundOutcome:
+        """Check every reply of the round: accepted (in the order the sites were chosen), rejected, refused, failed."""
         out = self.last if self.last is not None and self.last.server_round == server_round else RoundOutcome(server_round, [])
         self.last = out
         expected = {s.node_id: s for s in out.chosen}
@@ -148,16 +167,9 @@ class FedSBStrategy(FedAvg):
             self.totals[kind] += len(getattr(out, kind))
             for p in getattr(out, kind):
                 log.warning("round %d: %s %s: %s", server_round, p["site"], kind, p["reason"])
-        metrics = MetricRecord({"sites-accepted": len(out.accepted), "replies-rejected": len(out.rejected),
-                                "sites-refused": len(out.refused), "sites-failed": len(out.failed)})
-        if len(out.accepted) < self.min_sites:
-            return None, metrics
         order = {s.site_id: i for i, s in enumerate(out.chosen)}
         out.accepted.sort(key=lambda a: order[a.site_id])
-        agg = self.method.aggregate([a.state for a in out.accepted], [a.num_examples for a in out.accepted],
-                                    round=server_round)
-        out.aggregate = agg
-        return rec.to_record(agg.state), metrics
+        return out
 
     # -- no federated evaluation: the server evaluates the global state on its test split -----
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -14,6 +15,7 @@ from accounting.events import FixedSizeGaussianEvent, GaussianEvent, PoissonGaus
 from accounting.ledger import (
     GENESIS_HASH,
     Ledger,
+    MemoryLedger,
     _canonical,
     _chain_hash,
     load_key,
@@ -339,3 +341,83 @@ def test_recover_with_a_key(ledger_path):
     ledger, torn = Ledger.recover(ledger_path, key=KEY)
     assert ledger.mac_verified and reappend_torn(ledger, torn) is not None
     assert len(Ledger(ledger_path, key=KEY)) == 2
+
+
+# -- the in-memory ledger ---------------------------------------------------------------------
+
+APPENDS = [
+    {"client": "a", "round": 0, "event": GaussianEvent(noise_multiplier=8.0), "note": "dp init"},
+    {"client": "a", "round": 1, "event": pg()},
+    {"client": "b", "round": 1, "event": pg(q=0.02)},
+    {"client": "c", "round": 1, "event": FixedSizeGaussianEvent(noise_multiplier=1.0, sample_rate=0.1, count=3)},
+    {"client": "all-clients", "round": 1, "event": GaussianEvent(noise_multiplier=2.0, unit="client")},
+    {"client": "b", "round": 2, "event": pg(q=0.02), "note": "r2"},
+]
+
+
+def _clock_of(records):
+    """A clock that returns the times the file ledger stamped, in order."""
+    times = iter([datetime.fromisoformat(record.time) for record in records])
+    return lambda: next(times)
+
+
+def test_memory_ledger_equals_a_file_ledger_fed_the_same_appends(ledger_path):
+    on_disk = Ledger(ledger_path)
+    for kwargs in APPENDS:
+        on_disk.append(**kwargs)
+    memory = MemoryLedger(clock=_clock_of(on_disk.records()))
+    assert memory.head == (-1, GENESIS_HASH) and len(memory) == 0 and memory.clients() == []
+    for kwargs in APPENDS:
+        memory.append(**kwargs)
+    assert memory.head == on_disk.head == Ledger(ledger_path).head
+    assert [r.to_dict() for r in memory.records()] == [r.to_dict() for r in on_disk.records()]
+    assert len(memory) == len(on_disk) == len(APPENDS)
+    assert memory.clients() == on_disk.clients() == ["a", "all-clients", "b", "c"]
+    for client in on_disk.clients():
+        assert memory.events(client) == on_disk.events(client)
+        assert memory.rounds_completed(client) == on_disk.rounds_completed(client)
+    assert not memory.keyed and not memory.mac_verified and memory.path is None
+    assert spent(memory, "b", delta=1e-5) == spent(on_disk, "b", delta=1e-5)
+
+
+def test_memory_ledger_lines_verify_as_a_file_ledger(ledger_path):
+    memory = MemoryLedger()  # the default clock: real UTC times
+    for kwargs in APPENDS:
+        memory.append(**kwargs)
+    ledger_path.parent.mkdir()
+    write_lines(ledger_path, [_canonical(r.to_dict()).encode("ascii") for r in memory.records()])
+    assert Ledger(ledger_path, expected_head=memory.head).head == memory.head
+    assert all(r.time.endswith("Z") for r in memory.records())
+
+
+def test_memory_ledger_refuses_what_a_file_ledger_refuses(ledger_path):
+    on_disk, memory = Ledger(ledger_path), MemoryLedger()
+    for ledger in (on_disk, memory):
+        ledger.append(client="a", round=0, event=pg())
+    head = memory.head
+    bad_calls = [
+        {"client": "", "round": 0, "event": pg()},
+        {"client": " a", "round": 0, "event": pg()},
+        {"client": "a", "round": -1, "event": pg()},
+        {"client": "a", "round": True, "event": pg()},
+        {"client": "a", "round": 0, "event": {"type": "gaussian"}},
+        {"client": "a", "round": 0, "event": pg(unit="client")},
+        {"client": "a", "round": 0, "event": pg(), "note": "two\nlines"},
+    ]
+    for kwargs in bad_calls:
+        with pytest.raises(AccountingInputError) as on_disk_error:
+            on_disk.append(**kwargs)
+        with pytest.raises(AccountingInputError) as memory_error:
+            memory.append(**kwargs)
+        assert str(memory_error.value) == str(on_disk_error.value)
+    assert memory.head == head and len(memory) == 1
+
+
+def test_memory_ledger_clock_must_be_timezone_aware():
+    memory = MemoryLedger(clock=lambda: datetime(2025, 1, 1))
+    with pytest.raises(AccountingInputError, match="clock must return a timezone-aware datetime"):
+        memory.append(client="a", round=0, event=pg())
+    assert len(memory) == 0
+    plus_two = timezone(timedelta(hours=2))
+    memory = MemoryLedger(clock=lambda: datetime(2025, 1, 1, 2, 0, 0, 5, tzinfo=plus_two))
+    assert memory.append(client="a", round=0, event=pg()).time == "2025-01-01T00:00:00.000005Z"

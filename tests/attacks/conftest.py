@@ -95,7 +95,8 @@ def synthetic_runs(tiny_bert_dir, tiny_csv, tmp_path_factory, one_thread):
     from dpfed.adapters.lorasb import trainable_state
     from dpfed.config import DataConfig, InitConfig, ModelConfig, PrivacyConfig, RunConfig
     from dpfed.data import Records, load_records, load_tokenizer, split_and_partition, tokenize
-    from dpfed.model import DEFAULT_TARGETS, inject_lorasb, load_base, select_targets
+    from dpfed.adapters.lorasb import inject_lorasb
+    from dpfed.model import DEFAULT_TARGETS, load_base, select_targets
     from dpfed.privacy import make_generator, per_example_loss
 
     root = tmp_path_factory.mktemp("audit-runs")

@@ -153,7 +153,8 @@ def test_causal_lm_run_is_audited(tiny_llama_dir, tiny_csv, tmp_path, one_thread
     from dpfed.adapters.lorasb import trainable_state
     from dpfed.config import DataConfig, InitConfig, ModelConfig, PrivacyConfig, RunConfig
     from dpfed.data import load_records, load_tokenizer, split_and_partition, tokenize
-    from dpfed.model import DEFAULT_TARGETS, inject_lorasb, load_base, select_targets
+    from dpfed.adapters.lorasb import inject_lorasb
+    from dpfed.model import DEFAULT_TARGETS, load_base, select_targets
     from dpfed.privacy import make_generator, per_example_loss
 
     cfg = RunConfig(model=ModelConfig(name=tiny_llama_dir, task="causal-lm", rank=4, max_length=32),

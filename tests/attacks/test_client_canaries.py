@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+
+from attacks.plan import audit_plan
 import torch
 
 from attacks import client_canaries as cc
@@ -86,7 +88,7 @@ def test_client_level_run_with_canary_clients_then_audit(tiny_bert_dir, tiny_csv
     cfg = cfgmod.override(cfgmod.load(run / "config.yaml"), **{"data.canary_clients": 60})
     from dpfed.runner import prepare, run as run_job
 
-    run_job(prepare(cfg), tmp_path / "run2")
+    run_job(prepare(cfg, audit=audit_plan(cfg)), tmp_path / "run2")
     assert (tmp_path / "run2" / cc.CANARY_CLIENTS_FILE).is_file()
     code, out, err = run_cli(["audit", str(tmp_path / "run2"), "--format", "json"])
     assert code == 0, err

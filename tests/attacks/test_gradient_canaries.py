@@ -8,6 +8,8 @@ import stat
 
 import numpy as np
 import pytest
+
+from attacks.plan import audit_plan
 import torch
 
 from attacks.canaries import GradientCanarySet, load_canaries, make_gradient_canaries, save_canaries
@@ -129,7 +131,8 @@ def _tiny_client_model():
     from transformers import BertConfig
 
     from dpfed.adapters.init import init_random
-    from dpfed.model import DEFAULT_TARGETS, build_from_config, inject_lorasb, select_targets
+    from dpfed.adapters.lorasb import inject_lorasb
+    from dpfed.model import DEFAULT_TARGETS, build_from_config, select_targets
     from dpfed.privacy import make_generator
 
     torch.manual_seed(0)  # test-only: the tiny model's random weights
@@ -197,7 +200,7 @@ def test_dp_init_counts_gradient_canaries_in_its_sample_rate(tiny_bert_dir, tiny
         "init": {"strategy": "dp", "dp_batch_size": 32},
         "train": {"rounds": 1, "local_steps": 1, "batch_size": 16, "lr": 0.5},
         "privacy": {"epsilon": 3.0, "delta": 1e-4}, "seed": 0, "device": "cpu"})
-    job = prepare(cfg)
+    job = prepare(cfg, audit=audit_plan(cfg))
     summary = run(job, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()]
     for i, shard in enumerate(job.shards):
@@ -222,7 +225,7 @@ def _planted_run(tiny_bert_dir, tiny_csv, out, *, noise: bool, monkeypatch=None)
         "init": {"strategy": "random", "head": "random"},
         "train": {"rounds": 10, "local_steps": 10, "batch_size": 64, "lr": 5.0},
         "privacy": {"epsilon": 1.0, "delta": 1e-4}, "seed": 0, "device": "cpu"})
-    job = prepare(cfg)
+    job = prepare(cfg, audit=audit_plan(cfg))
     if not noise:  # the planted bug: the sites' noise is secretly off while their ledgers still claim epsilon = 1
         real = client_mod.noised_mean
 
@@ -264,7 +267,8 @@ def test_cli_train_with_gradient_canaries_then_audit(tiny_bert_dir, tiny_csv, tm
     from dpfed import config as cfgmod
     from dpfed.runner import prepare
 
-    job = prepare(cfgmod.load(run / "config.yaml"), split_seed=json.loads((run / "run.json").read_text())["split_seed"])
+    loaded = cfgmod.load(run / "config.yaml")
+    job = prepare(loaded, split_seed=json.loads((run / "run.json").read_text())["split_seed"], audit=audit_plan(loaded))
     rates = {json.loads(line)["client"]: json.loads(line)["event"]["sample_rate"]
              for line in (run / "ledger.jsonl").read_text().splitlines()}
     for i, shard in enumerate(job.shards):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from attacks.plan import audit_plan
+
 from accounting import ledger as ledger_mod
 from accounting.events import PoissonGaussianEvent
 from accounting.ledger import Ledger, new_key_file
@@ -50,7 +52,7 @@ def trained(tiny_bert_dir, tiny_csv, tmp_path_factory):
     torch.set_num_threads(1)  # tiny model on a shared machine
     try:
         out = tmp_path_factory.mktemp("ledger-checks") / "run"
-        run(prepare(cfg), out)
+        run(prepare(cfg, audit=audit_plan(cfg)), out)
     finally:
         torch.set_num_threads(threads)
     return out

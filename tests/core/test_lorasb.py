@@ -1,4 +1,5 @@
-"""LoRA-SB layer, per-sample gradients, clipping/noise, aggregation exactness, PEFT export."""
+"""LoRA-SB layer, per-sample gradients (and the generic per-sample protocol), clipping/noise, aggregation
+exactness, PEFT export."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from transformers import BertConfig, LlamaConfig
 
 from dpfed.adapters.export import to_peft, unwrap
 from dpfed.adapters.init import init_random, randomized_svd
-from dpfed.adapters.lorasb import LoRASBLinear, load_trainable_state, per_sample_mode, trainable_state
+from dpfed.adapters import lorasb
+from dpfed.adapters.lorasb import LoRASBLinear, load_trainable_state, trainable_state
 from dpfed.aggregation import FedSBAggregator
 from dpfed.errors import PrivacyCheckError
 from dpfed.model import DEFAULT_TARGETS, build_from_config, inject_lorasb, select_targets
+from dpfed.persample import PerSampleLinear, PerSampleModule, per_sample_mode, per_sample_weight_mode
 from dpfed.privacy import DPSGDParams, clipped_sum, noised_mean, per_example_loss, per_sample_gradients
 
 torch.set_default_dtype(torch.float32)
@@ -124,6 +127,47 @@ def test_orphan_trainable_parameter_is_refused():
     model.encoder.embeddings.word_embeddings.weight.requires_grad_(True)
     with pytest.raises(PrivacyCheckError, match="without a per-sample gradient"):
         per_sample_gradients(model, _batch(), task="classification")
+
+
+class _Gain(PerSampleModule):
+    """A new per-sample layer written against the protocol alone: y = x * gain (+ shift, frozen)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, d))
+        self.shift = nn.Parameter(torch.linspace(-1.0, 1.0, d), requires_grad=False)
+
+    def forward(self, x):  # (B, T, d)
+        gain = self.gain if self.per_sample is None else self.per_sample["gain"].unsqueeze(1)  # (d) or (B, 1, d)
+        return x * gain + self.shift
+
+
+def test_a_new_per_sample_module_gets_per_example_gradients_and_an_unknown_one_is_refused():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(_Gain(6), PerSampleLinear(6, 3).load(torch.randn(3, 6, generator=g)))
+    model[1].bias.requires_grad_(False)  # a frozen bias stays shared: no leaf
+    x = torch.randn(4, 5, 6, generator=g)
+    with per_sample_mode(model, 4) as leaves:
+        model(x).pow(2).sum().backward()
+    assert list(leaves) == ["0.gain", "1.weight"]
+    assert model[0].per_sample is None and model[1].per_sample is None  # cleared on exit
+    for b in range(4):
+        ref = torch.autograd.grad(model(x[b:b + 1]).pow(2).sum(), [model[0].gain, model[1].weight])
+        for leaf, r in zip(leaves.values(), ref):
+            torch.testing.assert_close(leaf.grad[b], r, rtol=1e-5, atol=1e-6)
+    model.append(nn.LayerNorm(3))  # trainable weight and bias, owned by no per-sample module
+    with pytest.raises(PrivacyCheckError, match=r"without a per-sample gradient path: \['2.weight', '2.bias'\]"):
+        with per_sample_mode(model, 4):
+            pass
+    assert model[0].per_sample is None  # cleared after a refusal too
+    with pytest.raises(TypeError, match="_Gain has no frozen weight"):
+        with per_sample_weight_mode({"gain": model[0]}, 4):
+            pass
+
+
+def test_lorasb_keeps_the_per_sample_names_for_existing_callers():
+    assert lorasb.per_sample_mode is per_sample_mode and lorasb.per_sample_weight_mode is per_sample_weight_mode
+    assert lorasb.PerSampleLinear is PerSampleLinear and issubclass(LoRASBLinear, PerSampleModule)
 
 
 def test_clipping_bounds_each_example_and_noise_has_right_mean_and_std():

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 
 from dpfed import config as cfgmod
-from dpfed.aggregation import LoRAAggregator, LoRALayerKeys
+from dpfed.aggregation import (
+    FoldResidual,
+    FoldStack,
+    LoRAAggregator,
+    LoRALayerKeys,
+    SendMean,
+)
 from dpfed.comm import module_traffic
+from dpfed.method_specs import METHOD_NAMES
 from dpfed.payload import FRAMING_BYTES
 from dpfed.runner import prepare, run
 
-METHODS = ("fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora")
+METHODS = METHOD_NAMES
 
 
 def _states(rng, clients=3, d_out=6, d_in=5, r=2):
@@ -36,7 +42,7 @@ def _reference(states, sizes, s):
 
 def test_fedit_error_is_the_brute_force_reference():
     states, sizes = _states(np.random.default_rng(0)), [10, 20, 30]
-    agg = LoRAAggregator("fedit", {"l": LoRALayerKeys(b="l.B", a="l.A", scaling=2.0)}).aggregate(states, sizes)
+    agg = LoRAAggregator({"l": LoRALayerKeys(b="l.B", a="l.A", scaling=2.0)}, step=SendMean()).aggregate(states, sizes)
     ideal, fedit = _reference(states, sizes, 2.0)
     expected = np.linalg.norm(ideal - fedit) / np.linalg.norm(ideal)
     assert expected > 0.05 and agg.error == pytest.approx(expected, rel=1e-6)
@@ -49,12 +55,12 @@ def test_fedex_and_flora_are_exact_against_the_reference():
     states, sizes = _states(np.random.default_rng(1)), [5, 5, 10]
     ideal, _ = _reference(states, sizes, 0.5)
     keys = {"l": LoRALayerKeys(b="l.B", a="l.A", scaling=0.5)}
-    fedex = LoRAAggregator("fedex-lora", keys).aggregate(states, sizes)
+    fedex = LoRAAggregator(keys, step=FoldResidual()).aggregate(states, sizes)
     got = 0.5 * fedex.state["l.B"].double().numpy() @ fedex.state["l.A"].double().numpy() + fedex.fold["l"].double().numpy()
     np.testing.assert_allclose(got, ideal, atol=1e-6)
     assert fedex.error < 1e-6 and torch.equal(fedex.down["l.residual"], fedex.fold["l"])
     fresh = torch.full((2, 5), 0.25)
-    flora = LoRAAggregator("flora", keys, reinit_a=lambda name: fresh).aggregate(states, sizes)
+    flora = LoRAAggregator(keys, step=FoldStack(lambda name: fresh)).aggregate(states, sizes)
     np.testing.assert_allclose(flora.fold["l"].double().numpy(), ideal, atol=1e-6)
     assert flora.error < 1e-6
     assert torch.equal(flora.state["l.A"], fresh) and not flora.state["l.B"].any()  # re-initialised
@@ -65,7 +71,8 @@ def test_ffa_with_frozen_a_is_exact():
     rng = np.random.default_rng(2)
     a = torch.tensor(rng.normal(size=(2, 5)), dtype=torch.float32)
     states = [{"l.B": s["l.B"]} for s in _states(rng)]
-    agg = LoRAAggregator("ffa-lora", {"l": LoRALayerKeys(b="l.B", a="l.A", scaling=1.0, frozen_a=a)}).aggregate(states, [1, 1, 1])
+    keys = {"l": LoRALayerKeys(b="l.B", a="l.A", scaling=1.0, frozen_a=a)}
+    agg = LoRAAggregator(keys, step=SendMean()).aggregate(states, [1, 1, 1])
     assert agg.error < 1e-6 and set(agg.state) == {"l.B"}
 
 
@@ -90,9 +97,9 @@ def runs(tiny_bert_dir, tiny_csv, tmp_path_factory):
     for m in METHODS:
         job = prepare(_cfg(tiny_bert_dir, tiny_csv, m))
         before = {n: t.detach().clone() for n, t in job.method.frozen_state().items()}
-        job.run_dir = tmp_path_factory.mktemp(m) / "run"
-        s = run(job, job.run_dir)
-        out[m] = (job, s, before)
+        run_dir = tmp_path_factory.mktemp(m) / "run"
+        s = run(job, run_dir)
+        out[m] = (job, s, before, run_dir)
     return out
 
 
@@ -111,13 +118,13 @@ def _layer_shapes(job):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_bytes_equal_the_formula(runs, method):
-    job, s, _ = runs[method]
+    job, s, _, run_dir = runs[method]
     head = sum(p.numel() for n, p in job.model.named_parameters() if n.startswith("head."))
     shapes = _layer_shapes(job)
     traffic = [module_traffic(method, rank=4, clients=3, d_in=i, d_out=o) for i, o in shapes]
     assert s["bytes_up_per_client_round"] == FRAMING_BYTES + 4 * (sum(t.up for t in traffic) + head)
     assert s["trainable_params"] == sum(t.up for t in traffic) + head
-    lines = [json.loads(x) for x in (job.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # round 1 receives the initial state; round 2 what the method's server sends after a round
     first = FRAMING_BYTES + 4 * s["trainable_params"]
     after = FRAMING_BYTES + 4 * (sum(t.down for t in traffic) + head)
@@ -126,8 +133,10 @@ def test_bytes_equal_the_formula(runs, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_aggregation_error_zero_only_for_exact_methods(runs, method):
-    _, s, _ = runs[method]
-    if method == "fedit":
+    from dpfed.method_specs import method_spec
+
+    _, s, _, _ = runs[method]
+    if not method_spec(method).exact:  # FedIT
         assert s["aggregation_error_max"] > 1e-3
     else:
         assert s["aggregation_error_max"] < 1e-5
@@ -138,14 +147,14 @@ def test_aggregation_error_zero_only_for_exact_methods(runs, method):
 def test_ffa_a_identical_on_all_clients_and_never_trained(runs):
     from dpfed.adapters.lora import factors
 
-    job, s, before = runs["ffa-lora"]
+    job, _, before, run_dir = runs["ffa-lora"]
     for name, layer in job.adapters.items():
         B, A = factors(layer)
         assert not A.requires_grad and torch.equal(A, before[f"{name}.A"])
         assert B.requires_grad and B.abs().sum() > 0
     from dpfed.runner import load_checkpoint
 
-    _, trainable, frozen = load_checkpoint(job.run_dir)
+    _, trainable, frozen = load_checkpoint(run_dir)
     assert not any(".lora_A." in k for k in trainable)  # clients send B (and the head) only
     for name in job.adapters:
         assert torch.equal(frozen[f"{name}.A"], before[f"{name}.A"])
@@ -155,13 +164,12 @@ def test_ffa_a_identical_on_all_clients_and_never_trained(runs):
 def test_client_rebuilds_the_server_model_from_the_down_message(tiny_bert_dir, tiny_csv, method):
     """Server folds; a client copy applies only the down message; both end with identical weights and outputs."""
     from dpfed.adapters.lorasb import trainable_state
-    from dpfed.client import LocalTraining
-    from dpfed.methods import LoRAMethod
+    from dpfed.methods import METHODS as REGISTRY
 
     job = prepare(_cfg(tiny_bert_dir, tiny_csv, method))
     client_model = copy.deepcopy(job.model)
     client_layers = {n: client_model.get_submodule(n) for n in job.adapters}
-    client_method = LoRAMethod(method, client_model, client_layers, weighting="size", seed=job.seed)
+    client_method = REGISTRY[method].build(client_model, client_layers, weighting="size", seed=job.seed)
     g = torch.Generator().manual_seed(0)
     states = []
     for _ in range(3):  # three clients' trained states: random perturbations of the global one
@@ -214,8 +222,8 @@ def test_lora_export_reloads_with_peft(runs, tmp_path):
     from dpfed.adapters.export import unwrap
 
     for method in ("fedit", "fedex-lora"):
-        job, s, _ = runs[method]
-        adapter = job.run_dir / "adapter"
+        job, _, _, run_dir = runs[method]
+        adapter = run_dir / "adapter"
         meta = json.loads((adapter / "lora_config.json").read_text())
         base = unwrap(job.model)
         with torch.no_grad():

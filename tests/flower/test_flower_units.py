@@ -272,8 +272,7 @@ def test_run_config_overrides(flower_cfg_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"train.method": "fedit"}, "method must be 'fed-sb'"),
-    ({"privacy.unit": "client", "privacy.client_epsilon": 1.0}, "privacy.unit must be 'record'"),
+    ({"data.canary_clients": 4, "privacy.unit": "client", "privacy.client_epsilon": 1.0}, "canaries must be 0"),
     ({"init.strategy": "dp"}, "init must be 'public' or 'random'"),
     ({"data.canaries": 4}, "canaries must be 0"),
 ])

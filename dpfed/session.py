@@ -1,0 +1,326 @@
+"""The round loop: select sites → their DP updates (through a transport) → aggregation → ledgers → release.
+
+:func:`start` writes what a run needs before its first round (the configuration, the budget,
+the ledgers, the accounted DP initialisation, the initial state and checkpoint);
+:func:`train_rounds` runs rounds until the schedule or a budget ends them, then writes the
+adapter and the summary. The sites are behind a :class:`Transport`: :class:`InProcessSites`
+holds them in this process; a distributed transport only has to deliver the same
+:class:`~dpfed.client.ClientResult` for the same round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from accounting.events import PoissonGaussianEvent
+from accounting.prv import epsilon as prv_epsilon
+from accounting.sampling import exact_rate, sample_rate
+from dpfed import config as config_mod
+from dpfed.adapters.init import factors_from_gradient, zero_factors
+from dpfed.adapters.lorasb import load_trainable_state, trainable_state
+from dpfed.aggregation import ClientLevelDP, FedSBAggregator
+from dpfed.client import ClientResult
+from dpfed.errors import BudgetError
+from dpfed.evaluation import evaluate
+from dpfed.payload import FRAMING_BYTES, KIND_DOWN, KIND_UP, Manifest, encode
+from dpfed.privacy import make_generator
+from dpfed.release import release, unit_of
+from dpfed.rundir import (LABELS_JSON, RUN_JSON, SERVER_LEDGER, SUMMARY, INITIAL_STATE, METRICS, append_metrics,
+                          build_summary, checkpoint_meta, save_checkpoint, save_state, sha256_hex, write_budget, write_json)
+from dpfed.seeds import RunStream, child_seed, site_generators
+from dpfed.setup import Job, dp_init_params, make_clients
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+SERVER_ID = "all-clients"  # the server ledger's one account: the client-level guarantee holds for every client
+CLIENT_TRUST = "requires a trusted aggregator (the server adds the noise)"
+
+
+class RoundAborted(Exception):
+    """A transport could not complete a round (too few valid replies); the run stops with this reason."""
+
+
+class Transport(Protocol):
+    """How the server reaches the sites: one round's local training, and the budget check before it.
+
+    ``site_ids`` and ``site_sizes`` (each site's population n, public by declaration) are fixed
+    for the run; ``round_extras`` and ``summary_extras`` add the transport's own declared fields
+    (``dpfed.release``) to the metrics line and the summary.
+    """
+
+    site_ids: list[str]
+    site_sizes: dict[str, int]
+
+    def check_budgets(self, chosen: list[int]) -> None:
+        """Raise :class:`~dpfed.errors.BudgetError` if a chosen site would pass its budget this round."""
+
+    def train(self, rnd: int, chosen: list[int], global_state: dict[str, torch.Tensor],
+              progress: Progress) -> list[ClientResult]:
+        """Each chosen site's result for round ``rnd`` (its events are in its ledger before it returns).
+
+        Raises :class:`RoundAborted` when the round cannot be completed."""
+
+    def round_extras(self) -> dict[str, Any]:
+        """Fields of the last round's metrics line that only this transport knows."""
+
+    def summary_extras(self) -> dict[str, Any]:
+        """Fields of the summary that only this transport knows."""
+
+
+class InProcessSites:
+    """The sites of a simulation, in this process, sharing the server's model object (one trains at a time)."""
+
+    def __init__(self, job: Job, *, ledger, seed: int, diagnostics_dir: Path | None) -> None:
+        self.job, self.ledger, self.seed = job, ledger, seed
+        self.clients = make_clients(job, ledger=ledger, seed=seed, diagnostics_dir=diagnostics_dir)
+        self.site_ids = [c.client_id for c in self.clients]
+        self.site_sizes = {c.client_id: c.num_examples for c in self.clients}
+
+    def round_extras(self) -> dict[str, Any]:
+        return {}
+
+    def summary_extras(self) -> dict[str, Any]:
+        return {}
+
+    def check_budgets(self, chosen: list[int]) -> None:
+        for i in chosen:
+            self.clients[i].check_budget()
+
+    def train(self, rnd: int, chosen: list[int], global_state: dict[str, torch.Tensor],
+              progress: Progress) -> list[ClientResult]:
+        results = []
+        for i in chosen:
+            c = self.clients[i]
+            # per-round draws: a run resumed at any round draws what an uninterrupted one would
+            c.sample_generator, noise = site_generators(self.seed, i, rnd, history=len(self.ledger.events(c.client_id)),
+                                                        device=self.job.device)
+            if c.dp is not None:
+                c.noise_generator = noise
+            progress("client", {"round": rnd, "client": c.client_id})
+            results.append(c.fit(self.job.model, global_state, round=rnd, on_step=lambda: progress("step", {"round": rnd})))
+        return results
+
+
+def server_event(job: Job) -> PoissonGaussianEvent:
+    """One round of DP-FedAvg: the Poisson-subsampled Gaussian mechanism on whole clients."""
+    return PoissonGaussianEvent(noise_multiplier=job.client_noise_multiplier,
+                                sample_rate=exact_rate(job.cfg.train.client_fraction), count=1, unit="client")
+
+
+def client_level_epsilon(job: Job, server_ledger, extra: int = 0) -> float:
+    events = server_ledger.events(SERVER_ID) + [server_event(job)] * extra
+    return prv_epsilon(events, delta=job.cfg.privacy.client_delta_value).upper
+
+
+def dp_init(job: Job, ledger) -> dict[str, Any]:
+    """``init: dp``: every site releases a clipped, noised gradient sum (its ledger first); the server signs and SVDs.
+
+    Round 0 of each site's ledger holds the event. Per-site generators derive from the run seed
+    at round 0, which no training round uses.
+    """
+    params = dp_init_params(job.cfg)
+    clients = make_clients(job, ledger=ledger, seed=job.seed)
+    zero_factors(job.adapters)  # the estimate is taken at W0
+    total: dict[str, torch.Tensor] = {}
+    for i, c in enumerate(clients):
+        sample_gen, noise_gen = site_generators(job.seed, i, 0, history=len(ledger.events(c.client_id)),
+                                                device=job.device)
+        part = c.init_contribution(job.model, job.adapters, params=params, sample_generator=sample_gen,
+                                   noise_generator=noise_gen)
+        for n, v in part.items():
+            total[n] = total[n] + v if n in total else v
+    factors_from_gradient(job.adapters, total, lr=job.cfg.init.lr,
+                          generator=make_generator(child_seed(job.seed, RunStream.INIT, 1)))
+    values = sum(a.out_features * a.in_features for a in job.adapters.values())
+    eps_init = max(prv_epsilon([c.init_event(params)], delta=job.cfg.privacy.delta).upper for c in clients)
+    return {"dp_init_noise_multiplier": params.noise_multiplier, "dp_init_clip": params.clip,
+            "dp_init_batch_size": params.expected_batch_size, "dp_init_epsilon_alone": eps_init,
+            "dp_init_contributors": float(len(clients)), "dp_init_bytes_up_per_client": float(4 * values + FRAMING_BYTES)}
+
+
+def evaluate_job(job: Job) -> dict[str, float]:
+    """The global model (as it is in ``job.model``) on the evaluator's test split."""
+    return evaluate(job.model, job.test, task=job.cfg.model.task, device=job.device,
+                    batch_size=job.cfg.train.eval_batch_size, autocast_dtype=job.autocast_dtype)
+
+
+def start(job: Job, run_dir: Path, *, ledger, server_ledger, progress: Progress,
+          run_info: dict[str, Any] | None = None) -> tuple[dict, dict, dict]:
+    """Write everything before round 1; return ``(global_state, eval0, init_info)``.
+
+    Order matters: the ledgers exist before the DP initialisation appends to them, and
+    ``run.json`` and the round-0 checkpoint come last (a directory without them was never
+    trained and can be removed).
+    """
+    cfg = job.cfg
+    config_text = config_mod.to_yaml(cfg)
+    (run_dir / "config.yaml").write_text(config_text)
+    if job.splits.test.labels is not None:  # head index -> label (declared, or from the test split and public data)
+        write_json(run_dir / LABELS_JSON, {str(i): name for i, name in enumerate(job.splits.test.label_names)})
+    write_budget(run_dir, job)
+    canary_clients = (job.audit.canary_clients(trainable_state(job.model), split_seed=job.split_seed)
+                      if job.audit is not None else None)
+    if job.audit is not None:
+        job.audit.save(run_dir, canaries=job.canaries, attack_records=job.attack_records, canary_clients=canary_clients)
+    init_info = dict(job.init_info)
+    if cfg.init.strategy == "dp":
+        progress("setup", {"stage": "init", "strategy": "dp"})
+        init_info.update(dp_init(job, ledger))
+    global_state = trainable_state(job.model)
+    save_state(run_dir / INITIAL_STATE, global_state)
+    eval0 = evaluate_job(job)
+    # never the noise/sampling seed unless the user chose it: knowing it would let anyone subtract the noise
+    write_json(run_dir / RUN_JSON, {
+        "config_sha256": sha256_hex(config_text.encode()),
+        "split_seed": job.split_seed,
+        "seed": job.seed if job.seed_is_user else None,
+        "noise_multiplier": job.noise_multiplier,
+        "client_noise_multiplier": job.client_noise_multiplier,
+        "init_info": init_info,
+        "initial_eval": eval0,
+        **(run_info or {}),
+    })
+    save_checkpoint(run_dir, round=0, global_state=global_state, frozen=job.method.frozen_state(),
+                    meta=checkpoint_meta(run_dir, ledger, server_ledger))
+    return global_state, eval0, init_info
+
+
+def _select(job: Job, rnd: int, n_sites: int, q_client: float, per_round: int, seed: int) -> list[int]:
+    gen = np.random.default_rng(child_seed(seed, RunStream.SELECT, rnd))
+    if job.client_dp:  # Poisson: each site independently with probability q (the accounting needs it)
+        return [i for i in range(n_sites) if gen.random() < q_client]
+    return sorted(gen.choice(n_sites, size=per_round, replace=False).tolist())
+
+
+def train_rounds(job: Job, run_dir: Path, *, transport: Transport, ledger, server_ledger,
+                 global_state: dict[str, torch.Tensor], start_round: int, seed: int, eval0: dict[str, float],
+                 init_info: dict[str, Any], progress: Progress, resumed: dict[str, Any] | None,
+                 keep_rounds: bool = False) -> dict[str, Any]:
+    """Rounds ``start_round`` .. ``train.rounds``; a budget refusal ends the run early. Returns the summary.
+
+    ``keep_rounds`` also keeps the global state after every round in ``rounds/round-NNN.safetensors``.
+    """
+    cfg, model = job.cfg, job.model
+    t_start = time.time()
+    n_sites = len(transport.site_ids)
+    q_client = exact_rate(cfg.train.client_fraction)  # numpy's random() draws k / 2**53: exactly q on the grid
+    if job.client_dp:  # DP-FedAvg: uniform weights, Poisson client sampling at rate q, fixed denominator q·N
+        aggregator: Any = ClientLevelDP(FedSBAggregator(weighting="uniform"), clip=cfg.privacy.client_clip,
+                                        noise_multiplier=job.client_noise_multiplier,
+                                        expected_clients=q_client * n_sites, generator=make_generator(0))
+    else:
+        aggregator = job.method
+    canary_clients = (job.audit.canary_clients(trainable_state(job.model), split_seed=job.split_seed)
+                      if job.audit is not None and cfg.data.canary_clients else None)
+    manifest = Manifest.of(global_state)
+    up_size = len(encode(global_state, manifest, round=0, kind=KIND_UP))  # fixed by the manifest
+    down_state = global_state  # what the server sends at the start of the next round (method-specific)
+    agg_errors: list[float] = []
+    per_round = max(1, int(math.ceil(q_client * n_sites)))
+    load_trainable_state(model, global_state)
+    last_eval = evaluate_job(job)
+    progress("start", {"rounds": cfg.train.rounds - start_round + 1, "clients_per_round": per_round,
+                       "local_steps": cfg.train.local_steps, "eval": last_eval, "noise_multiplier": job.noise_multiplier})
+    bytes_up, bytes_down, stop_reason = [], [], "completed"
+    rounds_done = start_round - 1
+    claims = job.noise_enabled  # the noise-free twin claims no ε
+    for rnd in range(start_round, cfg.train.rounds + 1):
+        chosen = _select(job, rnd, n_sites, q_client, per_round, seed)
+        if job.client_dp:
+            aggregator.generator = make_generator(child_seed(seed, RunStream.SERVER_NOISE, rnd))
+        try:
+            transport.check_budgets(chosen)
+            if job.client_dp and cfg.privacy.client_epsilon is not None:
+                eps_c = client_level_epsilon(job, server_ledger, extra=1)
+                if eps_c > cfg.privacy.client_epsilon:
+                    raise BudgetError(f"client-level epsilon would reach {eps_c:.4f} > budget {cfg.privacy.client_epsilon:g} "
+                                      f"(over by {eps_c - cfg.privacy.client_epsilon:.4f}) if the server released another "
+                                      f"round; refusing")
+        except BudgetError as exc:  # stop before anyone passes the budget
+            stop_reason = str(exc)
+            log.warning("stopping before round %d: %s", rnd, exc)
+            break
+        t_round = time.time()
+        down = encode(down_state, Manifest.of(down_state), round=rnd, kind=KIND_DOWN)
+        try:
+            results = transport.train(rnd, chosen, global_state, progress)
+        except RoundAborted as exc:
+            stop_reason = str(exc)
+            log.warning("stopping: %s", exc)
+            break
+        ups = [len(encode(r.state, manifest, round=rnd, kind=KIND_UP)) for r in results]
+        bytes_down.extend([len(down)] * len(results))
+        states, sizes = [r.state for r in results], [r.num_examples for r in results]
+        if canary_clients is not None:  # client-level audit: included canaries, Poisson-sampled like every client
+            cgen = np.random.default_rng(child_seed(seed, RunStream.CANARY_CLIENT_SAMPLE, rnd))
+            for k, inside in enumerate(canary_clients.included):
+                if cgen.random() < q_client and inside:
+                    states.append(job.audit.canary_state(global_state, canary_clients, k))
+                    sizes.append(1)
+        if job.client_dp:
+            global_state = down_state = aggregator.aggregate(states, sizes, global_state=global_state)
+            # write-ahead: the server's event is durable before the noised state is released
+            server_ledger.append(client=SERVER_ID, round=rnd, event=server_event(job))
+        elif results:
+            agg = aggregator.aggregate(states, sizes, round=rnd)  # folds into W0 where the method does
+            global_state, down_state = agg.state, agg.down
+            agg_errors.append(agg.error)
+        bytes_up.extend(ups)
+        load_trainable_state(model, global_state)
+        ev = last_eval = evaluate_job(job)
+        eps_sites = {s: prv_epsilon(ledger.events(s), delta=cfg.privacy.delta).upper
+                     for s in transport.site_ids} if job.dp and claims else {}
+        # through the release boundary: under client-level DP the sampled sites, their count and anything
+        # computed from single sites' updates are withheld (dpfed.release declares every field)
+        line = release("metrics", {
+            "round": rnd, "clients": [transport.site_ids[i] for i in chosen], **ev,
+            "epsilon_spent": max(eps_sites.values()) if eps_sites else None,
+            "bytes_up": sum(ups), "bytes_down": len(down) * len(chosen), "bytes_up_per_site": up_size,
+            "aggregation_error": agg_errors[-1] if results and not job.client_dp else None,
+            "seconds": time.time() - t_round,
+            **({"client_level_epsilon": client_level_epsilon(job, server_ledger)} if job.client_dp and claims else {}),
+            **transport.round_extras(),
+        }, unit=unit_of(cfg))
+        append_metrics(run_dir / METRICS, line)
+        # the round's metrics line first, then its checkpoint: an interruption between the two leaves a line
+        # that resume drops (it redoes the round), never a checkpointed round without its line
+        save_checkpoint(run_dir, round=rnd, global_state=global_state, frozen=job.method.frozen_state(),
+                        meta=checkpoint_meta(run_dir, ledger, server_ledger))
+        if keep_rounds:
+            (run_dir / "rounds").mkdir(exist_ok=True)
+            save_state(run_dir / "rounds" / f"round-{rnd:03d}.safetensors", global_state)
+        rounds_done = rnd
+        progress("round", line)
+    job.method.export(run_dir / "adapter", task=cfg.model.task, base_model=cfg.model.name)
+    sizes_by_site = dict(transport.site_sizes)
+    eps_final = ({s: prv_epsilon(ledger.events(s), delta=cfg.privacy.delta) for s in transport.site_ids}
+                 if job.dp and claims else {})
+    client_level = None
+    if job.client_dp and claims:
+        client_level = {
+            "guarantee": "client-level DP (DP-FedAvg): adding or removing one client's whole data",
+            "epsilon": client_level_epsilon(job, server_ledger), "delta": cfg.privacy.client_delta_value,
+            "epsilon_target": cfg.privacy.client_epsilon, "noise_multiplier": job.client_noise_multiplier,
+            "clip": cfg.privacy.client_clip, "sampling": f"Poisson, each client independently with q = {q_client:g}",
+            "rounds_released": len(server_ledger.events(SERVER_ID)), "accountant": "prv (upper bound)",
+            "ledger": SERVER_LEDGER, "trust": CLIENT_TRUST,
+        }
+    summary = build_summary(job, eps_clients=eps_final,
+                            sample_rates={s: sample_rate(cfg.train.batch_size, n) for s, n in sizes_by_site.items()},
+                            client_sizes=sizes_by_site, clients_per_round=per_round,
+                            rounds_done=rounds_done, stop_reason=stop_reason, resumed=resumed, eval0=eval0,
+                            last_eval=last_eval, bytes_up=bytes_up, bytes_down=bytes_down, agg_errors=agg_errors,
+                            trainable=sum(v.numel() for v in global_state.values()), t_start=t_start,
+                            client_level=client_level, init_info=init_info)
+    summary.update(release("summary", transport.summary_extras(), unit=unit_of(cfg)))
+    write_json(run_dir / SUMMARY, summary)
+    return summary
