@@ -31,6 +31,7 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# slow: fault-tolerance deployments, long resume runs; CI runs them after `make test`
 test-slow: install
 	$(PY) -m pytest -q -m slow
 

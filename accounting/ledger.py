@@ -291,8 +291,9 @@ class Ledger:
         if tail:
             raise LedgerCorruptError(
                 f"{self.path}:{len(lines) + 1}: truncated last line ({len(tail)} bytes without a newline; "
-                f"a write was interrupted). Its event may or may not have been released: repair explicitly "
-                f"with Ledger.recover(path) and re-append the in-flight event"
+                f"a write was interrupted). Its event may or may not have been released: for a run directory's "
+                f"ledger, `dpfed train --resume RUN_DIR` repairs it (the torn text goes to ledger.jsonl.torn and its "
+                f"event is re-appended, so it stays counted) and continues the run"
             )
         units: dict[str, str] = {}
         for record in records:

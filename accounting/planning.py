@@ -39,6 +39,12 @@ from accounting.prv import EpsilonBound
 log = logging.getLogger(__name__)
 
 ACCOUNTANTS = ("prv", "rdp")
+# Largest epsilon we plan and train for. Measured (delta 1e-5 and 1e-9, q in [1e-3, 1], up to 1e4
+# steps; README "Command line"): up to 100, calibration takes seconds and the PRV bracket stays
+# within 3 % of its upper bound (or, where prv-accountant refuses the parameters, the RDP bound
+# is reported); above it the bracket widens (lower 40 % below upper at 1000), the library
+# overflows, and at 1e9 one calibration takes minutes. e^100 rules nothing out in any case.
+MAX_EPSILON = 100.0
 MAX_NOISE_MULTIPLIER = 1e6
 DEFAULT_ROUNDS_LIMIT = 1_000_000
 _SIG_DIGITS = 3
@@ -46,13 +52,24 @@ _GRID_PER_DECADE = 900  # mantissas 100..999
 
 
 # -- validation -----------------------------------------------------------------------
+def epsilon_range_problem(value: float) -> str | None:
+    """Why a finite epsilon > 0 is outside the range we plan for (``None`` when it is inside)."""
+    if value > MAX_EPSILON:
+        return (f"must be <= {MAX_EPSILON:g} (the range where the accountants are fast and tight; "
+                f"e^{MAX_EPSILON:g} rules nothing out anyway)")
+    return None
+
+
 def check_epsilon(value: object, *, name: str = "target_epsilon") -> float:
-    """Validate a finite epsilon > 0."""
+    """Validate a finite epsilon in (0, MAX_EPSILON]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise AccountingInputError(f"{name} must be a finite number > 0, got {value!r}")
     value = float(value)
     if not (math.isfinite(value) and value > 0):
         raise AccountingInputError(f"{name} must be finite and > 0, got {value!r}")
+    problem = epsilon_range_problem(value)
+    if problem is not None:
+        raise AccountingInputError(f"{name} {problem}, got {value!r}")
     return value
 
 
@@ -130,11 +147,24 @@ def _grid_value(index: int, digits: int = _SIG_DIGITS) -> float:
 # -- evaluation -------------------------------------------------------------------------
 def bound(events: Sequence[Event], *, delta: float, accountant: str = "prv") -> EpsilonBound:
     """Epsilon bracket with the chosen accountant (RDP: ``lower = 0``, ``estimate = upper``)."""
+    return bound_and_source(events, delta=delta, accountant=accountant)[0]
+
+
+def bound_and_source(events: Sequence[Event], *, delta: float, accountant: str = "prv") -> tuple[EpsilonBound, str]:
+    """:func:`bound` and the accountant that produced it: ``"prv"``, or ``"rdp"`` (asked for, or PRV's fallback).
+
+    prv-accountant refuses some parameters (e.g. q ~ 0.1-0.5 with epsilon above ~6: "Discrete mean
+    differs from continuous mean"); :mod:`accounting.prv` then returns the RDP bound, and this says so.
+    """
     accountant = check_accountant(accountant)
     if accountant == "prv":
-        return prv.epsilon(events, delta=delta)
+        checked, delta, _ = prv._validate(events, delta, None)
+        if not checked:
+            return prv.ZERO, "prv"
+        result, used = prv._epsilon_with_error(checked, delta=delta, eps_error=None)  # used == 0: RDP fallback
+        return result, ("prv" if used > 0.0 else "rdp")
     value = rdp.epsilon(events, delta=delta)
-    return EpsilonBound(lower=0.0, estimate=value, upper=value)
+    return EpsilonBound(lower=0.0, estimate=value, upper=value), "rdp"
 
 
 class _RdpCurve:

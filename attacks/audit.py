@@ -149,8 +149,10 @@ def load_run(run_dir: str | Path) -> RunFiles:
     adapter = _load_safetensors(run_dir / "adapter" / "lorasb.safetensors")
     meta = _load_json(run_dir / "adapter" / "lorasb_config.json", required=False) or {}
     if not (run_dir / CANARIES_FILE).is_file():
-        raise DataError(f"{run_dir / CANARIES_FILE}: not found; the run was trained without canaries and cannot be "
-                        f"audited (train it with canaries)")
+        raise DataError(f"{run_dir / CANARIES_FILE}: not found: the run was trained without --canaries, and the audit "
+                        f"needs what `dpfed train --canaries M` sets aside before training: the canaries (the one-run "
+                        f"epsilon lower bound) and held-out non-members (the loss and reference attacks on real records); "
+                        f"train again with e.g. --canaries 1000")
     canaries = load_canaries(run_dir / CANARIES_FILE)
     records_path = run_dir / ATTACK_RECORDS_FILE
     attack_records = load_attack_records(records_path) if records_path.exists() else None
@@ -178,7 +180,8 @@ def build_model(files: RunFiles, *, device: torch.device | str = "cpu"
     the initial (reference) and the final model; B and A are shared.
     """
     from dpfed.adapters.lorasb import load_trainable_state
-    from dpfed.model import inject_lorasb, load_base
+    from dpfed.adapters.lorasb import inject_lorasb
+    from dpfed.model import load_base
 
     cfg = files.cfg
     task = cfg.model.task

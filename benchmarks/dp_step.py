@@ -51,7 +51,8 @@ from torch import nn
 
 from dpfed.adapters.init import init_random
 from dpfed.adapters.lorasb import LoRASBLinear
-from dpfed.model import DEFAULT_TARGETS, build_from_config, inject_lorasb, select_targets
+from dpfed.adapters.lorasb import inject_lorasb
+from dpfed.model import DEFAULT_TARGETS, build_from_config, select_targets
 from dpfed.privacy import (
     DPSGDParams,
     apply_gradients,

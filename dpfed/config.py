@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from accounting.planning import epsilon_range_problem
 from dpfed.errors import ConfigError
 from dpfed.method_specs import METHOD_NAMES, method_spec, names_with
 
@@ -28,6 +29,13 @@ def _check(cond: bool, msg: str) -> None:
 def _finite_pos(name: str, v: float) -> None:
     _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
            f"{name} must be a finite number > 0, got {v!r}")
+
+
+def _epsilon(name: str, v: float) -> None:
+    """A finite epsilon > 0 within the range the accountants are measured on (accounting.planning.MAX_EPSILON)."""
+    _finite_pos(name, v)
+    problem = epsilon_range_problem(float(v))
+    _check(problem is None, f"{name} {problem}, got {v!r}")
 
 
 def _pos_int(name: str, v: int, minimum: int = 1) -> None:
@@ -101,12 +109,17 @@ class ModelConfig:
     chat_template: bool = field(default=True, metadata={
         "help": "instruct: wrap each prompt/response in the tokenizer's chat template when it has one"})
     max_new_tokens: int = field(default=8, metadata={"help": "instruct: tokens greedily generated per held-out prompt"})
+    prefix_dtype: str = field(default="float32", metadata={
+        "help": "instruct: float32 | bfloat16, the precision of the frozen-prefix pass (once per record); bfloat16 "
+                "is ~3x faster on CPUs with AMX/AVX512-BF16 and moves the cached states by ~1% (relative)"})
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and bool(self.name), f"model.name must be a non-empty string, got {self.name!r}")
         _check(self.task in TASKS, f"model.task must be one of {list(TASKS)}, got {self.task!r}")
         _check(isinstance(self.chat_template, bool), f"model.chat_template must be true or false, got {self.chat_template!r}")
         _pos_int("max_new_tokens", self.max_new_tokens)
+        _check(self.prefix_dtype in ("float32", "bfloat16"),
+               f"model.prefix_dtype must be 'float32' or 'bfloat16', got {self.prefix_dtype!r}")
         _pos_int("rank", self.rank)
         if self.lora_alpha is not None:
             _finite_pos("lora_alpha", self.lora_alpha)
@@ -289,7 +302,7 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         if self.enabled:
-            _finite_pos("epsilon", self.epsilon)
+            _epsilon("epsilon", self.epsilon)
             _check(isinstance(self.delta, (int, float)) and 0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta!r}")
         _finite_pos("clip", self.clip)
         if self.noise_multiplier is not None:
@@ -299,7 +312,7 @@ class PrivacyConfig:
         if self.client_noise_multiplier is not None:
             _finite_pos("client_noise_multiplier", self.client_noise_multiplier)
         if self.client_epsilon is not None:
-            _finite_pos("client_epsilon", self.client_epsilon)
+            _epsilon("client_epsilon", self.client_epsilon)
         if self.client_delta is not None:
             _check(isinstance(self.client_delta, (int, float)) and 0 < self.client_delta < 1,
                    f"client_delta must be in (0, 1), got {self.client_delta!r}")

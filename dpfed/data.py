@@ -13,6 +13,12 @@ label is outside that set is refused. Labels that are all numbers are ordered nu
 
 Bad records (a null or empty text, an empty, null or NaN label) are refused with one line
 naming the file, row, column and value, or dropped and counted with ``data.drop_invalid``.
+
+Tokenised shards and frozen-prefix hidden states are cached on disk (:func:`cached`), one file
+per shard, keyed by the sha256 of everything they are computed from (the tokenizer, the records'
+texts, the frozen weights), so a later run on the same data and model reuses them. The files hold
+derivatives of the records (token ids decode back to the text): mode 0600 in a 0700 directory,
+``$DPFED_CACHE`` (default ``~/.cache/dpfed``; ``off`` disables the cache).
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ import io
 import json
 import logging
 import math
+import os
 import re
+import tempfile
+import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -549,13 +558,162 @@ class TokenizedShard:
         return out
 
 
+# -- on-disk cache of derived data (tokenised shards, frozen-prefix states) -------------------------------------------
+
+CACHE_ENV = "DPFED_CACHE"
+_CACHE_OFF = ("", "0", "off", "no", "false", "none")
+_CACHE_FORMAT = b"dpfed-cache-v1"
+
+
+def cache_dir() -> Path | None:
+    """``$DPFED_CACHE``, or ``~/.cache/dpfed`` when unset; None when set to ``off`` (or ``0``, ``no``, ``false``, empty)."""
+    raw = os.environ.get(CACHE_ENV)
+    if raw is None:
+        return Path.home() / ".cache" / "dpfed"
+    if raw.strip().lower() in _CACHE_OFF:
+        return None
+    return Path(raw).expanduser()
+
+
+def cache_key(*parts: Any) -> str:
+    """sha256 (hex) of ``parts``: str, bytes, int, float, bool, None, tensors and nested sequences, each typed and length-prefixed."""
+    h = hashlib.sha256(_CACHE_FORMAT)
+
+    def feed(tag: bytes, data: bytes | memoryview) -> None:
+        h.update(tag + len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    def walk(part: Any) -> None:
+        if part is None or isinstance(part, (bool, int, float)):
+            feed(b"n", repr(part).encode())
+        elif isinstance(part, str):
+            feed(b"s", part.encode("utf-8"))
+        elif isinstance(part, (bytes, bytearray, memoryview)):
+            feed(b"b", bytes(part))
+        elif isinstance(part, torch.Tensor):
+            t = part.detach().cpu().contiguous()
+            feed(b"t", f"{t.dtype}{tuple(t.shape)}".encode())
+            feed(b"d", t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+        elif isinstance(part, Sequence):
+            feed(b"[", str(len(part)).encode())
+            for item in part:
+                walk(item)
+        else:
+            raise TypeError(f"cache_key parts must be str, bytes, numbers, None, tensors or sequences, got {type(part).__name__}")
+
+    for part in parts:
+        walk(part)
+    return h.hexdigest()
+
+
+def cached(key_parts: Sequence[Any], compute: Callable[[], dict[str, torch.Tensor]], *,
+           kind: str = "data") -> dict[str, torch.Tensor]:
+    """``compute()`` once per content key: later calls with the same ``key_parts`` read it back from disk.
+
+    ``compute`` returns named tensors; they are stored in ``cache_dir()/kind/<sha256 of key_parts>.safetensors``
+    (mode 0600, directories 0700, written to a temporary file and renamed). ``key_parts`` must hold
+    everything the result depends on (see :func:`cache_key`). Without a cache directory, or when
+    the file cannot be written, this is just ``compute()``; an unreadable file is recomputed.
+    """
+    from safetensors.torch import load_file, save
+
+    root = cache_dir()
+    if root is None:
+        return compute()
+    path = root / kind / f"{cache_key(kind, *key_parts)}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(path)
+        except Exception as exc:  # a truncated or foreign file: recompute and replace it
+            log.warning("cache file %s is unreadable (%s); recomputing it", path, type(exc).__name__)
+    tensors = compute()
+    try:
+        _private_dirs(root, path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(save({k: v.contiguous() for k, v in tensors.items()}))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        log.warning("could not write the cache file %s (%s); continuing without it", path, exc.strerror or exc)
+    return tensors
+
+
+def _private_dirs(root: Path, leaf: Path) -> None:
+    """Create ``leaf`` (under ``root``) with mode 0700 for every directory this call creates."""
+    missing = []
+    d = leaf
+    while not d.exists():
+        missing.append(d)
+        if d == root or d.parent == d:
+            break
+        d = d.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)  # mkdir's mode is masked by the umask
+
+
+_TOKENIZER_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """sha256 of what the tokenizer computes: a fast tokenizer's full serialisation, else its files; None if neither."""
+    try:
+        return _TOKENIZER_FINGERPRINTS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    parts: list[Any] = [type(tokenizer).__name__, str(getattr(tokenizer, "truncation_side", "right"))]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        parts.append(backend.to_str())
+    else:
+        folder = Path(str(getattr(tokenizer, "name_or_path", "")))
+        files = sorted(f for f in _TOKENIZER_FILES if (folder / f).is_file()) if folder.is_dir() else []
+        if not files:
+            return None
+        parts += [(f, (folder / f).read_bytes()) for f in files]
+    digest = cache_key("tokenizer", *parts)
+    try:
+        _TOKENIZER_FINGERPRINTS[tokenizer] = digest
+    except TypeError:  # not weak-referenceable: recomputed next time
+        pass
+    return digest
+
+
+def _flat(rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+    flat = torch.tensor([t for r in rows for t in r], dtype=torch.int64)
+    return {"ids": flat, "lengths": lengths}
+
+
+def _unflat(tensors: dict[str, torch.Tensor]) -> list[list[int]]:
+    return [part.tolist() for part in torch.split(tensors["ids"], tensors["lengths"].tolist())]
+
+
 def tokenize(records: Records, tokenizer, *, max_length: int) -> TokenizedShard:
-    enc = tokenizer(list(records.texts), truncation=True, max_length=max_length)
+    """Token ids of ``records`` (truncated to ``max_length``), from the on-disk cache when it holds them."""
+
+    def compute() -> dict[str, torch.Tensor]:
+        enc = tokenizer(list(records.texts), truncation=True, max_length=max_length)
+        return _flat(enc["input_ids"])
+
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if fingerprint is None:
+        ids = _unflat(compute())
+    else:
+        ids = _unflat(cached((fingerprint, max_length, records.texts), compute, kind="tokens"))
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     labels = None if records.labels is None else torch.tensor(records.labels, dtype=torch.long)
-    return TokenizedShard([list(x) for x in enc["input_ids"]], labels, int(pad))
+    return TokenizedShard(ids, labels, int(pad))
 
 
 def load_tokenizer(path: str):
@@ -572,13 +730,54 @@ def load_tokenizer(path: str):
 
 def attach_prefix_cache(model, shard: TokenizedShard, *, batch_size: int = 256,
                         device: torch.device | str = "cpu") -> None:
-    """Compute each record's frozen-prefix hidden states once (the client does this on its own data)."""
-    order = sorted(range(len(shard)), key=lambda i: len(shard.ids[i]))
-    hidden: list[torch.Tensor | None] = [None] * len(shard)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        b = shard.batch(idx, device)
-        h = model.bottom(b["input_ids"], b["attention_mask"]).float().cpu()  # (B, T, d)
-        for row, i in enumerate(idx):
-            hidden[i] = h[row, : len(shard.ids[i])].clone()
-    shard.hidden = hidden  # type: ignore[assignment]
+    """Compute each record's frozen-prefix hidden states once (the client does this on its own data).
+
+    The states come from the on-disk cache (:func:`cached`) when it holds them for these token
+    ids, these frozen weights (:func:`prefix_fingerprint`), batch size, device type, torch version
+    and thread count; they are exactly what this function computed then.
+    """
+
+    def compute() -> dict[str, torch.Tensor]:
+        order = sorted(range(len(shard)), key=lambda i: len(shard.ids[i]))
+        hidden: list[torch.Tensor | None] = [None] * len(shard)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            b = shard.batch(idx, device)
+            h = model.bottom(b["input_ids"], b["attention_mask"]).float().cpu()  # (B, T, d)
+            for row, i in enumerate(idx):
+                hidden[i] = h[row, : len(shard.ids[i])]
+        return {"hidden": torch.cat(hidden, dim=0), "lengths": torch.tensor([len(x) for x in shard.ids])}  # (ΣT, d)
+
+    if not len(shard):
+        shard.hidden = []
+        return
+    weights = prefix_fingerprint(model)
+    if weights is None:
+        tensors = compute()
+    else:
+        ids = _flat(shard.ids)
+        key = (weights, int(model.prefix_start), batch_size, torch.device(device).type, torch.__version__,
+               torch.get_num_threads(), ids["ids"], ids["lengths"])
+        tensors = cached(key, compute, kind="prefix")
+    shard.hidden = list(torch.split(tensors["hidden"], tensors["lengths"].tolist()))  # (T_i, d) views, one per record
+
+
+def prefix_fingerprint(model) -> str | None:
+    """sha256 of what ``model.bottom`` reads: the encoder's config, its embeddings and the layers below
+    ``model.prefix_start`` (every parameter and buffer); None for a model without that layout."""
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if encoder is None or layers is None or not hasattr(encoder, "embeddings"):
+        return None
+    modules = [("embeddings", encoder.embeddings)]
+    if getattr(encoder, "embeddings_project", None) is not None:
+        modules.append(("embeddings_project", encoder.embeddings_project))
+    modules += [(f"layer.{i}", layer) for i, layer in enumerate(layers[: model.prefix_start])]
+    config = {k: v for k, v in encoder.config.to_dict().items()
+              if k not in ("_name_or_path", "id2label", "label2id", "transformers_version")}  # where, not what
+    parts: list[Any] = [type(model).__name__, json.dumps(config, sort_keys=True, default=str),
+                        str(getattr(encoder.config, "_attn_implementation", None))]
+    for prefix, module in modules:
+        for name, tensor in sorted(module.state_dict(keep_vars=False).items()):
+            parts += [f"{prefix}.{name}", tensor]
+    return cache_key("prefix-weights", *parts)

@@ -328,14 +328,17 @@ class InstructShard:
         self.hidden: list[torch.Tensor | None] | None = None  # (T_i, d) per record, filled once per record
         self.kv: list[list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None  # prompt keys/values of the frozen layers
         self.keep_kv = False
+        self.prefix_dtype: torch.dtype | None = None  # autocast dtype of the prefix pass (None: the weights' own)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def attach_prefix(self, split: DecoderSplit, *, keep_kv: bool) -> None:
-        """Compute each record's frozen-prefix states once, when first used; ``keep_kv`` also keeps the prompt's keys/values."""
+    def attach_prefix(self, split: DecoderSplit, *, keep_kv: bool, dtype: torch.dtype | None = None) -> None:
+        """Compute each record's frozen-prefix states once, when first used; ``keep_kv`` also keeps the prompt's
+        keys/values; ``dtype``: autocast the prefix pass to it (bfloat16), None for the weights' precision."""
         self.prefix = split
         self.keep_kv = keep_kv
+        self.prefix_dtype = dtype
         self.hidden = [None] * len(self)
         self.kv = [None] * len(self) if keep_kv else None
 
@@ -347,13 +350,16 @@ class InstructShard:
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             b = self._tokens(part, device)
-            h, kv = self.prefix.bottom(b["input_ids"], b["attention_mask"], keep_kv=self.keep_kv)
+            dev_type = torch.device(device).type
+            with torch.autocast(dev_type, dtype=self.prefix_dtype, enabled=self.prefix_dtype is not None):
+                h, kv = self.prefix.bottom(b["input_ids"], b["attention_mask"], keep_kv=self.keep_kv)
             h = h.float().cpu()  # (B, T, d)
             for row, i in enumerate(part):
                 self.hidden[i] = h[row, : len(self.ids[i])].clone()
                 if self.keep_kv:
                     p = self.prompt_lengths[i]
-                    self.kv[i] = [(k[row, :, :p].cpu().clone(), v[row, :, :p].cpu().clone()) for k, v in kv]
+                    self.kv[i] = [(k[row, :, :p].float().cpu().clone(), v[row, :, :p].float().cpu().clone())
+                                  for k, v in kv]
 
     def _tokens(self, indices: list[int], device) -> dict[str, torch.Tensor]:
         longest = max((len(self.ids[i]) for i in indices), default=1)
@@ -517,8 +523,13 @@ def split_supported(model: nn.Module) -> bool:
 
 
 def enable_prefix(model: nn.Module, names: list[str], shards: list[InstructShard], test: InstructShard,
-                  device: torch.device, *, layer_index: Callable[[str], int | None]) -> dict[str, float]:
-    """Attach the frozen-prefix cache to every shard when the split is exact for this model; the info for the summary."""
+                  device: torch.device, *, layer_index: Callable[[str], int | None],
+                  dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Attach the frozen-prefix cache to every shard when the split is exact for this model; the info for the summary.
+
+    The check runs in the weights' precision (the split must reproduce the full forward); ``dtype``
+    (bfloat16) then only changes the precision in which the shards compute their cached states.
+    """
     start = min((i for i in map(layer_index, names) if i is not None), default=0)
     if start == 0 or not split_supported(model):
         return {"prefix_cache_layers": 0.0}
@@ -538,6 +549,6 @@ def enable_prefix(model: nn.Module, names: list[str], shards: list[InstructShard
         log.warning("frozen-prefix cache disabled: the split forward does not match the full forward")
         return {"prefix_cache_layers": 0.0}
     for shard in shards:
-        shard.attach_prefix(split, keep_kv=False)
-    test.attach_prefix(split, keep_kv=True)  # the evaluator's prompts: greedy decoding reuses the frozen keys/values
+        shard.attach_prefix(split, keep_kv=False, dtype=dtype)
+    test.attach_prefix(split, keep_kv=True, dtype=dtype)  # the evaluator's prompts: decoding reuses the frozen keys/values
     return {"prefix_cache_layers": float(start)}

@@ -121,30 +121,42 @@ def client_level_epsilon(job: Job, server_ledger, extra: int = 0) -> float:
     return prv_epsilon(events, delta=job.cfg.privacy.client_delta_value).upper
 
 
-def dp_init(job: Job, ledger) -> dict[str, Any]:
+def in_process_init_contributions(job: Job, ledger, params) -> list[dict[str, torch.Tensor]]:
+    """Each in-process site's DP-initialisation release (site order); events appended before each returns."""
+    parts = []
+    for i, c in enumerate(make_clients(job, ledger=ledger, seed=job.seed)):
+        sample_gen, noise_gen = site_generators(job.seed, i, 0, history=len(ledger.events(c.client_id)),
+                                                device=job.device)
+        parts.append(c.init_contribution(job.model, job.adapters, params=params, sample_generator=sample_gen,
+                                         noise_generator=noise_gen))
+    return parts
+
+
+def dp_init(job: Job, ledger, *, contributions: Callable[[Any], list[dict[str, torch.Tensor]]] | None = None,
+            sizes: list[int] | None = None) -> dict[str, Any]:
     """``init: dp``: every site releases a clipped, noised gradient sum (its ledger first); the server signs and SVDs.
 
     Round 0 of each site's ledger holds the event. Per-site generators derive from the run seed
-    at round 0, which no training round uses.
+    at round 0, which no training round uses. ``contributions(params)`` returns the sites'
+    releases in site order (default: the in-process sites); ``sizes`` their populations.
     """
     params = dp_init_params(job.cfg)
-    clients = make_clients(job, ledger=ledger, seed=job.seed)
     zero_factors(job.adapters)  # the estimate is taken at W0
+    parts = (contributions or (lambda p: in_process_init_contributions(job, ledger, p)))(params)
     total: dict[str, torch.Tensor] = {}
-    for i, c in enumerate(clients):
-        sample_gen, noise_gen = site_generators(job.seed, i, 0, history=len(ledger.events(c.client_id)),
-                                                device=job.device)
-        part = c.init_contribution(job.model, job.adapters, params=params, sample_generator=sample_gen,
-                                   noise_generator=noise_gen)
+    for part in parts:
         for n, v in part.items():
-            total[n] = total[n] + v if n in total else v
+            total[n] = total[n] + v.to(job.device) if n in total else v.to(job.device)
     factors_from_gradient(job.adapters, total, lr=job.cfg.init.lr,
                           generator=make_generator(child_seed(job.seed, RunStream.INIT, 1)))
     values = sum(a.out_features * a.in_features for a in job.adapters.values())
-    eps_init = max(prv_epsilon([c.init_event(params)], delta=job.cfg.privacy.delta).upper for c in clients)
+    sizes = sizes or job.population_sizes()
+    eps_init = max(prv_epsilon([PoissonGaussianEvent(noise_multiplier=params.noise_multiplier,
+                                                     sample_rate=sample_rate(params.expected_batch_size, n), count=1)],
+                               delta=job.cfg.privacy.delta).upper for n in sizes)
     return {"dp_init_noise_multiplier": params.noise_multiplier, "dp_init_clip": params.clip,
             "dp_init_batch_size": params.expected_batch_size, "dp_init_epsilon_alone": eps_init,
-            "dp_init_contributors": float(len(clients)), "dp_init_bytes_up_per_client": float(4 * values + FRAMING_BYTES)}
+            "dp_init_contributors": float(len(parts)), "dp_init_bytes_up_per_client": float(4 * values + FRAMING_BYTES)}
 
 
 def evaluate_job(job: Job) -> dict[str, float]:
@@ -154,7 +166,7 @@ def evaluate_job(job: Job) -> dict[str, float]:
 
 
 def start(job: Job, run_dir: Path, *, ledger, server_ledger, progress: Progress,
-          run_info: dict[str, Any] | None = None) -> tuple[dict, dict, dict]:
+          run_info: dict[str, Any] | None = None, transport: Any = None) -> tuple[dict, dict, dict]:
     """Write everything before round 1; return ``(global_state, eval0, init_info)``.
 
     Order matters: the ledgers exist before the DP initialisation appends to them, and
@@ -174,7 +186,9 @@ def start(job: Job, run_dir: Path, *, ledger, server_ledger, progress: Progress,
     init_info = dict(job.init_info)
     if cfg.init.strategy == "dp":
         progress("setup", {"stage": "init", "strategy": "dp"})
-        init_info.update(dp_init(job, ledger))
+        remote = getattr(transport, "init_contributions", None)  # a distributed transport asks its sites
+        init_info.update(dp_init(job, ledger, contributions=remote,
+                                 sizes=list(transport.site_sizes.values()) if transport is not None else None))
     global_state = trainable_state(job.model)
     save_state(run_dir / INITIAL_STATE, global_state)
     eval0 = evaluate_job(job)
@@ -282,7 +296,7 @@ def train_rounds(job: Job, run_dir: Path, *, transport: Transport, ledger, serve
         # through the release boundary: under client-level DP the sampled sites, their count and anything
         # computed from single sites' updates are withheld (dpfed.release declares every field)
         line = release("metrics", {
-            "round": rnd, "clients": [transport.site_ids[i] for i in chosen], **ev,
+            "round": rnd, "clients": [r.client_id for r in results], **ev,  # the sites whose updates were averaged
             "epsilon_spent": max(eps_sites.values()) if eps_sites else None,
             "bytes_up": sum(ups), "bytes_down": len(down) * len(chosen), "bytes_up_per_site": up_size,
             "aggregation_error": agg_errors[-1] if results and not job.client_dp else None,

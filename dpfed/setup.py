@@ -240,7 +240,8 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
         init_info["prefix_cache_layers"] = float(test.prefix.start) if test.prefix is not None else 0.0
     elif cfg.model.prefix_cache and task == "instruct":
         progress("setup", {"stage": "prefix cache"})
-        init_info.update(enable_prefix(model, names, shards, test, device, layer_index=layer_index))
+        init_info.update(enable_prefix(model, names, shards, test, device, layer_index=layer_index,
+                                       dtype=torch.bfloat16 if cfg.model.prefix_dtype == "bfloat16" else None))
     elif cfg.model.prefix_cache and isinstance(model, SequenceClassifier):
         progress("setup", {"stage": "prefix cache"})
         init_info.update(enable_prefix_cache(model, names, shards + [test], device))

@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DPFED_CACHE", "off")  # tests never fill ~/.cache/dpfed; the cache's own tests name a folder
 
 WORDS = ("good great fine bad awful poor movie film plot actor story boring fun dull superb "
          "weak strong the a is was and but not very").split()

@@ -5,6 +5,10 @@ PEFT's LoRA computes ``W0 x + (alpha / r) · lora_B lora_A x``. With ``alpha = r
 
 A classifier's export carries its label mapping (``id2label``, ``label2id``: head index ↔ label,
 as ``labels.json`` in the run directory) in ``adapter_config.json`` and in dpfed's own config file.
+
+``base_model_name_or_path`` (and the model card's ``base_model``) is the run's ``model.name``: a hub
+id or a local folder as given, or an embedded name (``embedded:all-minilm-l6-v2``) that
+:func:`dpfed.model.resolve_model_path` turns into the installed folder, never a path into a virtualenv.
 """
 
 from __future__ import annotations
@@ -69,8 +73,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return clean
 
 
-def to_peft(model: nn.Module, adapters: dict[str, LoRASBLinear]) -> nn.Module:
-    """A PEFT LoRA model (on a copy of the base) whose outputs equal ``model``'s."""
+def _name_base(base: nn.Module, base_model: str | None) -> None:
+    """Record ``base_model`` as the (copied) base's name, which PEFT writes into the model card."""
+    config = getattr(base, "config", None)
+    if base_model is not None and config is not None and hasattr(config, "_name_or_path"):
+        config._name_or_path = base_model
+
+
+def to_peft(model: nn.Module, adapters: dict[str, LoRASBLinear], *, base_model: str | None = None) -> nn.Module:
+    """A PEFT LoRA model (on a copy of the base) whose outputs equal ``model``'s; ``base_model``: the
+    name saved as ``base_model_name_or_path`` (default: what PEFT finds, often None)."""
     from peft import LoraConfig, get_peft_model
 
     ranks = {layer.rank for layer in adapters.values()}
@@ -78,9 +90,12 @@ def to_peft(model: nn.Module, adapters: dict[str, LoRASBLinear]) -> nn.Module:
         raise ValueError(f"PEFT export needs one rank for all layers, got {sorted(ranks)}")
     r = ranks.pop()
     base = unwrap(model)
+    _name_base(base, base_model)
     cfg = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=list(adapters), bias="none",
                      modules_to_save=["head"] if isinstance(model, SequenceClassifier) else None)
     peft_model = get_peft_model(base, cfg)
+    if base_model is not None:  # get_peft_model sets it from the base object, which has no usable name
+        peft_model.peft_config["default"].base_model_name_or_path = base_model
     with torch.no_grad():
         for name, layer in adapters.items():
             target = peft_model.base_model.model.get_submodule(name)
@@ -106,7 +121,8 @@ def export_adapters(model: nn.Module, adapters: dict[str, LoRASBLinear], out_dir
             "load": "W = W0 + scale * B @ R @ A for each target module; head.* is the classification head",
             **label_mapping(model)}
     (out_dir / "lorasb_config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    to_peft(model, adapters).save_pretrained(str(out_dir / "peft"))
+    # embeddings are never adapted: say so, or PEFT looks base_model_name_or_path up on the hub to check its vocabulary
+    to_peft(model, adapters, base_model=base_model).save_pretrained(str(out_dir / "peft"), save_embedding_layers=False)
     _add_labels(out_dir / "peft", label_mapping(model))
 
 
@@ -130,6 +146,7 @@ def export_lora(model: nn.Module, layers: dict[str, nn.Module], out_dir: Path, *
     base = unwrap(model)
     if hasattr(base, "peft_config"):  # left by inject_adapter_in_model; the export builds a fresh PEFT model
         del base.peft_config
+    _name_base(base, base_model)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(layers), bias="none",
                      modules_to_save=["head"] if isinstance(model, SequenceClassifier) else None)
     deltas = {}
@@ -139,6 +156,8 @@ def export_lora(model: nn.Module, layers: dict[str, nn.Module], out_dir: Path, *
             deltas[name] = (w.detach().float() - initial_base[name].float()).cpu().contiguous()
             w.copy_(initial_base[name].to(w))
     peft_model = get_peft_model(base, cfg)
+    if base_model is not None:  # get_peft_model sets it from the base object, which has no usable name
+        peft_model.peft_config["default"].base_model_name_or_path = base_model
     with torch.no_grad():
         for name, layer in layers.items():
             B, A = factors(layer)
@@ -150,7 +169,7 @@ def export_lora(model: nn.Module, layers: dict[str, nn.Module], out_dir: Path, *
             trained = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
             trained.weight.copy_(model.head.weight)
             trained.bias.copy_(model.head.bias)
-    peft_model.save_pretrained(str(out_dir / "peft"))
+    peft_model.save_pretrained(str(out_dir / "peft"), save_embedding_layers=False)  # embeddings never adapted
     _add_labels(out_dir / "peft", label_mapping(model))
     folded = any(float(d.abs().max()) > 0 for d in deltas.values())
     if folded:

@@ -9,13 +9,14 @@ directory, ledgers that disagree with the run directory (checked first, see
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from accounting.ledger import load_key
-from dpfed.errors import ConfigError
+from dpfed.errors import ConfigError, DataError
 
 EXIT_VIOLATION = 3
 FORMATS = ("table", "json")
@@ -41,15 +42,36 @@ def audit(
         raise ConfigError(f"confidence must be in (0, 1), got {confidence!r}")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    if out is not None:
+        _check_out(out)  # before the audit's minutes of work
     key = load_key(ledger_key) if ledger_key is not None else None
     result = audit_run(run_dir, confidence=confidence, k_fraction=k_fraction, device=device, ledger_key=key)
-    paths = write_reports(result, out if out is not None else run_dir)
+    target = out if out is not None else run_dir
+    try:
+        paths = write_reports(result, target)
+    except OSError as exc:
+        raise DataError(f"--out '{target}' could not be written ({type(exc).__name__}: {exc.strerror or exc})") from None
     if fmt == "json":
         typer.echo(json.dumps(to_jsonable(result), indent=2))
     else:
         _print_table(result, paths)
     if result["verdict"] == "violation":
         raise typer.Exit(EXIT_VIOLATION)
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a directory, or a path whose nearest existing parent is a writable directory."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out must be a directory (for audit.json, audit.md, audit.html), got '{out}', "
+                          f"an existing file")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out must be a directory, got '{out}' inside '{parent}', which is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out must be writable, got '{out}' ({'it' if parent == out else repr(str(parent))} "
+                          f"is not writable by this user)")
 
 
 def _print_table(r: dict, paths: dict[str, Path]) -> None:

@@ -63,12 +63,15 @@ def _print_table(report: dict[str, Any]) -> None:
         f"{report['model']} ({report['model_type']}, {report['num_layers']} layers), "
         f"{report['clients']} clients, {report['dtype']}"
     )
-    table = Table(title=title, caption=f"modules per layer: {modules}")
+    caption = (f"modules per layer: {modules}\nbytes: sent and received by all clients in one round (up + down); "
+               f"paper count: parameters of one adapter message as the Fed-SB paper counts them (not traffic)")
+    table = Table(title=title, caption=caption)
     for header in ("method", "rank", "up / client", "down / client", "round total (all clients)",
                    "setup / client", "paper count"):
         table.add_column(header, justify="left" if header == "method" else "right")
-    for r in refs:
-        table.add_column(f"× fed-sb r={r} (total / paper)", justify="right")
+    for r in refs:  # two different counts: label each (README "Command line" quotes both)
+        table.add_column(f"bytes × fed-sb r={r} (round total)", justify="right")
+        table.add_column(f"paper count × fed-sb r={r}", justify="right")
     b = report["bytes_per_param"]
     for m in report["methods"]:
         pc, ac = m["per_client_per_round"], m["all_clients_per_round"]
@@ -81,7 +84,8 @@ def _print_table(report: dict[str, Any]) -> None:
             _bytes(m["setup_per_client"]["params_down"] * b),
             _si(m["paper_params"]),
         ]
-        cells += [f"{v['total_bytes_ratio']:.1f} / {v['paper_params_ratio']:.1f}" for v in m["vs_fed_sb"]]
+        for v in m["vs_fed_sb"]:
+            cells += [f"{v['total_bytes_ratio']:.1f}×", f"{v['paper_params_ratio']:.1f}×"]
         table.add_row(*cells)
     Console().print(table)
 

@@ -46,8 +46,7 @@ def flower_local(
     clip: options.Clip = None,
     noise_multiplier: options.NoiseMultiplier = None,
     client_fraction: options.ClientFraction = None,
-    # options.Init's values less 'dp': the accounted initialisation runs in process only
-    init: Annotated[Optional[str], typer.Option("--init", help="public | random")] = None,
+    init: options.Init = None,
     device: options.Device = None,
     seed: options.Seed = None,
     min_sites: Annotated[int, typer.Option(help="a round completes when at least this many sites answered validly")] = 1,

@@ -157,6 +157,8 @@ def plan(
     for name, value in (("--noise-multiplier", noise_multiplier), ("--epsilon", epsilon),
                         ("--init-noise-multiplier", init_noise_multiplier)):
         _positive(name, value)
+    if epsilon is not None and (problem := planning.epsilon_range_problem(epsilon)) is not None:
+        raise ConfigError(f"--epsilon {problem}, got {epsilon!r}")
     clients = _clients(sample_rate, batch_size, dataset_size, dataset_sizes)
     _init_rates(clients, init_noise_multiplier, init_sample_rate, init_batch_size)
     sizes = [c["dataset_size"] for c in clients if c["dataset_size"] is not None]
@@ -223,13 +225,14 @@ def plan(
         key = (client["sample_rate"], client.get("init_sample_rate"))
         if key not in seen:
             events = events_for(client)
-            seen[key] = (planning.bound(events, delta=delta, accountant=acc), rdp.epsilon(events, delta=delta))
-        bound, eps_rdp = seen[key]
-        client.update(_bound_fields(bound, eps_rdp, acc))
+            seen[key] = (*planning.bound_and_source(events, delta=delta, accountant=acc), rdp.epsilon(events, delta=delta))
+        bound, source, eps_rdp = seen[key]
+        client.update(_bound_fields(bound, eps_rdp, source))
     worst = max(clients, key=lambda c: c["epsilon"])
     result.update({
         "epsilon": worst["epsilon"], "epsilon_lower": worst["epsilon_lower"],
         "epsilon_estimate": worst["epsilon_estimate"], "epsilon_rdp": worst["epsilon_rdp"],
+        "epsilon_accountant": worst["epsilon_accountant"],
         "noise_multiplier": sigma, "sample_rate": worst["sample_rate"], "steps": total_steps,
         "rounds": rounds, "local_steps": local_steps, "worst_client": worst["client"],
         "init_sample_rate": worst.get("init_sample_rate"), "clients": clients,
@@ -241,12 +244,14 @@ def plan(
     _print(result, output_format)
 
 
-def _bound_fields(bound: Any, eps_rdp: float, accountant: str) -> dict[str, Any]:
+def _bound_fields(bound: Any, eps_rdp: float, source: str) -> dict[str, Any]:
+    """``source``: the accountant that produced ``bound`` ("rdp" also when PRV fell back to it)."""
     return {
         "epsilon": bound.upper,
-        "epsilon_lower": bound.lower if accountant == "prv" else None,
+        "epsilon_lower": bound.lower if source == "prv" else None,
         "epsilon_estimate": bound.estimate,
         "epsilon_rdp": eps_rdp,
+        "epsilon_accountant": source,
     }
 
 
@@ -300,7 +305,11 @@ def _print(result: dict[str, Any], output_format: str) -> None:
     table.add_row("noise multiplier", f"{result['noise_multiplier']:g}")
     if "target_epsilon" in result:
         table.add_row("target epsilon", f"{result['target_epsilon']:g}")
-    table.add_row(f"epsilon ({result['accountant']} upper)", f"{result['epsilon']:.4f}")
+    used = result["epsilon_accountant"]
+    table.add_row(f"epsilon ({used} upper)", f"{result['epsilon']:.4f}")
+    if used != result["accountant"]:
+        table.add_row("accountant", f"{used.upper()}: prv-accountant cannot compose these parameters, so the "
+                      f"(looser, still valid) {used.upper()} upper bound is shown")
     if result["epsilon_lower"] is not None:
         table.add_row("epsilon lower / estimate", f"{result['epsilon_lower']:.4f} / {result['epsilon_estimate']:.4f}")
     table.add_row("epsilon (RDP)", f"{result['epsilon_rdp']:.4f}")
@@ -323,6 +332,7 @@ def _print(result: dict[str, Any], output_format: str) -> None:
             clients.add_column(column)
         for c in result["clients"]:
             marker = " (worst)" if c["client"] == result["worst_client"] else ""
+            source = "" if c["epsilon_accountant"] == result["accountant"] else f" ({c['epsilon_accountant'].upper()})"
             clients.add_row(c["client"] + marker, str(c["dataset_size"]), f"{c['sample_rate']:.6g}",
-                            f"{c['epsilon']:.4f}", f"{c['epsilon_rdp']:.4f}")
+                            f"{c['epsilon']:.4f}{source}", f"{c['epsilon_rdp']:.4f}")
         console.print(clients)

@@ -17,6 +17,7 @@ import logging
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from attacks.plan import audit_plan  # the ClientApp is a composition root: it builds the audit plan it runs with
 from dpfed.flower import records as rec
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,20 @@ def query(msg: Message, context: Context, settings, run: rec.RunMessage) -> Mess
     if rec.digest(rec.from_record(frozen)) != run.frozen_sha256:
         raise DpfedError("frozen factors must match their announced sha256 (corrupted in transit?)")
     context.state[rec.STATE_KEY] = frozen
-    records = site_records(cfg, settings, split_seed=run.split_seed, label_names=run.label_names)
     ledger = Ledger(settings.ledger)
+    audit = audit_plan(cfg)
+    if audit is not None and cfg.data.canaries:  # the population counts this site's gradient canaries
+        from dpfed.flower.site import build_site
+
+        # σ is planned only after the handshake; the site is built here just to count its population (no step runs)
+        n = build_site(_server_config(run), settings, split_seed=run.split_seed, label_names=run.label_names,
+                       frozen=rec.from_record(frozen), noise_multiplier=run.noise_multiplier or 1.0, round=0,
+                       ledger=ledger, audit=audit).client.num_examples
+    else:
+        n = len(site_records(cfg, settings, split_seed=run.split_seed, label_names=run.label_names, audit=audit))
     delta = cfg.privacy.delta if cfg.privacy.record_level else None
-    info = {"site-id": settings.site_id, "num-examples": len(records), "own-budget": settings.epsilon is not None}
-    metrics = {"num-examples": len(records)}
+    info = {"site-id": settings.site_id, "num-examples": n, "own-budget": settings.epsilon is not None}
+    metrics = {"num-examples": n}
     if delta is not None:
         metrics.update({"epsilon-budget": cfg.privacy.epsilon, "delta": delta,
                         "epsilon-spent": _spent(ledger, settings.site_id, delta)})
@@ -129,7 +139,8 @@ def train(msg: Message, context: Context, settings, run: rec.RunMessage) -> Mess
     global_state = rec.from_record(msg.content.array_records[rec.ARRAYS])
     ledger = Ledger(settings.ledger)
     site = build_site(cfg, settings, split_seed=run.split_seed, label_names=run.label_names, frozen=frozen,
-                      noise_multiplier=run.noise_multiplier, round=run.server_round, ledger=ledger)
+                      noise_multiplier=run.noise_multiplier, round=run.server_round, ledger=ledger,
+                      audit=audit_plan(cfg))
     _check_global(site, global_state)
     result = site.client.fit(site.model, global_state, round=run.server_round)  # budget check, K steps, ledger
     # from here on the round's events are in the site's ledger: a failure below can only over-count
@@ -137,6 +148,40 @@ def train(msg: Message, context: Context, settings, run: rec.RunMessage) -> Mess
     content = rec.reply_record(state=result.state, site_id=settings.site_id, server_round=run.server_round,
                                num_examples=result.num_examples, events=[event_to_dict(e) for e in result.events],
                                steps=result.steps, epsilon_spent=_spent(ledger, settings.site_id, delta))
+    return Message(content, reply_to=msg)
+
+
+@app.query("dp_init")
+@_refusing("the DP initialisation")
+def dp_init(msg: Message, context: Context, settings, run: rec.RunMessage) -> Message:
+    """``init: dp``: the site's clipped, noised gradient sum of the adapted base weights (its ledger first)."""
+    from accounting.events import event_to_dict
+    from accounting.ledger import Ledger
+    from dpfed.errors import DpfedError
+    from dpfed.flower.site import build_site
+    from dpfed.adapters.lorasb import load_trainable_state
+    from dpfed.setup import dp_init_params
+
+    cfg = _server_config(run)
+    if rec.STATE_KEY not in context.state:
+        raise DpfedError("this site holds no frozen factors for the run (no handshake); it needs a new handshake")
+    frozen = rec.from_record(context.state.array_records[rec.STATE_KEY])
+    ledger = Ledger(settings.ledger)
+    # round 0: the generators the in-process DP initialisation derives for this site
+    site = build_site(cfg, settings, split_seed=run.split_seed, label_names=run.label_names, frozen=frozen,
+                      noise_multiplier=run.noise_multiplier, round=0, ledger=ledger, audit=audit_plan(cfg))
+    state = rec.from_record(msg.content.array_records[rec.ARRAYS])  # the server's head (and R = 0)
+    _check_global(site, state)
+    load_trainable_state(site.model, state)
+    params = dp_init_params(site.cfg)
+    sums = site.client.init_contribution(site.model, site.method.layers, params=params,
+                                         sample_generator=site.client.sample_generator,
+                                         noise_generator=site.client.noise_generator)  # event appended before return
+    delta = site.cfg.privacy.delta
+    content = rec.reply_record(state=sums, site_id=settings.site_id, server_round=0,
+                               num_examples=site.client.num_examples,
+                               events=[event_to_dict(site.client.init_event(params))], steps=0,
+                               epsilon_spent=_spent(ledger, settings.site_id, delta))
     return Message(content, reply_to=msg)
 
 

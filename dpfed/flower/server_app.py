@@ -22,6 +22,7 @@ from typing import Any
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from attacks.plan import audit_plan
 from dpfed.flower import records as rec
 from dpfed.flower.settings import ServerSettings, check_supported
 from dpfed.flower.strategy import FedSBStrategy, SiteInfo, reply_node
@@ -70,7 +71,7 @@ def serve(grid: Grid, settings: ServerSettings, *, progress=_noop) -> dict[str, 
     if run_dir.exists() and (not run_dir.is_dir() or any((run_dir / f).exists() for f in _RUN_FILES)):
         raise ConfigError(f"out-dir must be a new directory or hold no run files, got '{run_dir}'")
     progress("setup", {"stage": "prepare"})
-    job = prepare(cfg)
+    job = prepare(cfg, audit=audit_plan(cfg))  # the ServerApp is a composition root: it builds the audit plan
     frozen = job.method.frozen_state()
     label_names = tuple(job.splits.test.label_names)
     global_state = trainable_state(job.model)
@@ -177,6 +178,9 @@ class FlowerSites:
         self.site_sizes = {s.site_id: s.num_examples for s in sites}
         self.seen_sites = set(self.site_ids)
         self._extras: dict[str, Any] = {}
+        # the frozen tensors change after the handshake when the method folds into W0 (every round) or when
+        # the DP initialisation sets B and A from the sites' releases: send them with every round then
+        self.resend_frozen = job.method.spec.folds or job.cfg.init.strategy == "dp"
 
     def check_budgets(self, chosen: list[int]) -> None:
         return None  # each site enforces its own budget and refuses with a reply
@@ -198,7 +202,7 @@ class FlowerSites:
         frozen = self.job.method.frozen_state()
         messages = self.strategy.configure_sites(rnd, sites, rec.to_record(global_state),
                                                  self.meet.record(rnd, self.job.noise_multiplier, rec.digest(frozen)),
-                                                 frozen=rec.to_record(frozen) if self.job.method.spec.folds else None)
+                                                 frozen=rec.to_record(frozen) if self.resend_frozen else None)
         out = self.strategy.collect(rnd, self.grid.send_and_receive(messages, timeout=self.settings.round_timeout))
         self._extras = {"flower_bytes_up": sum(a.flower_bytes for a in out.accepted), **_outcome_lists(out)}
         if len(out.accepted) < self.settings.min_sites:
@@ -210,6 +214,39 @@ class FlowerSites:
         steps = self.job.cfg.train.local_steps
         results = [ClientResult(a.site_id, rnd, a.state, a.num_examples, a.events, steps) for a in out.accepted]
         return results
+
+    def init_contributions(self, params) -> list:
+        """``init: dp`` on the sites: each sends its clipped, noised W0-gradient sum (its ledger first)."""
+        from dpfed.errors import DpfedError
+
+        self.meet.new_nodes()
+        sites = self.strategy.sites()
+        shapes = {n: (a.out_features, a.in_features) for n, a in self.job.adapters.items()}
+        manifest = Manifest(tuple(sorted(shapes)), tuple(shapes[n] for n in sorted(shapes)))
+        from dpfed.adapters.lorasb import trainable_state
+
+        config = self.meet.record(0, self.job.noise_multiplier)
+        state = rec.to_record(trainable_state(self.job.model))  # R = 0 and the head the gradients are taken at
+        msgs = [Message(content=RecordDict({rec.CONFIG: config, rec.ARRAYS: state}), dst_node_id=s.node_id,
+                        message_type=f"{MessageType.QUERY}.dp_init", group_id="dp-init") for s in sites]
+        by_node = {s.node_id: s for s in sites}
+        parts: dict[str, dict] = {}
+        for reply in self.grid.send_and_receive(msgs, timeout=self.settings.round_timeout):
+            site = by_node.get(reply_node(reply, msgs))
+            if site is None or reply.has_error() or rec.REFUSAL in reply.content:
+                why = (reply.error.reason if reply.has_error() else
+                       reply.content.config_records[rec.REFUSAL].get("reason") if rec.REFUSAL in reply.content else "?")
+                raise DpfedError(f"init: dp needs every site's release, got none from "
+                                 f"{site.site_id if site else 'an unknown node'} ({why})")
+            acc = rec.check_reply(reply.content, manifest=manifest, site_id=site.site_id, server_round=0,
+                                  num_examples=site.num_examples, dp=True)
+            for ev in acc.events:  # the server's copy of what the site reports having recorded at round 0
+                self.ledger.append(client=acc.site_id, round=0, event=ev, note=REPORTED_NOTE)
+            parts[acc.site_id] = acc.state
+        missing = sorted(set(self.site_ids) - set(parts))
+        if missing:
+            raise DpfedError(f"init: dp needs every site's release, got none from {missing}")
+        return [parts[s] for s in self.site_ids]
 
     def round_extras(self) -> dict[str, Any]:
         return dict(self._extras)
@@ -238,7 +275,8 @@ def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handsha
     server_ledger = Ledger(run_dir / SERVER_LEDGER) if job.client_dp else None
     sites = FlowerSites(job, grid=grid, strategy=strategy, meet=meet, settings=settings, ledger=ledger, run_dir=run_dir)
     state0, eval0, init_info = start(job, run_dir, ledger=ledger, server_ledger=server_ledger, progress=progress,
-                                     run_info={"flower": {"sites": sites.site_sizes, "min_sites": settings.min_sites}})
+                                     run_info={"flower": {"sites": sites.site_sizes, "min_sites": settings.min_sites}},
+                                     transport=sites)
     return train_rounds(job, run_dir, transport=sites, ledger=ledger, server_ledger=server_ledger, global_state=state0,
                         start_round=1, seed=job.seed, eval0=eval0, init_info=init_info, progress=progress, resumed=None,
                         keep_rounds=True)

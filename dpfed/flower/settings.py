@@ -197,10 +197,6 @@ class ServerSettings:
 
 def check_supported(cfg: RunConfig) -> None:
     """The rules a Flower run adds to a valid :class:`RunConfig` (what the app implements)."""
-    if cfg.init.strategy == "dp":
-        raise ConfigError("init must be 'public' or 'random' in a Flower run (the accounted 'dp' initialisation "
-                          "runs in process only), got 'dp'")
-    if cfg.data.canaries or cfg.data.audit_holdout or cfg.data.canary_clients:
-        raise ConfigError(f"canaries must be 0 in a Flower run (audits run in process), got "
-                          f"canaries={cfg.data.canaries}, audit_holdout={cfg.data.audit_holdout}, "
-                          f"canary_clients={cfg.data.canary_clients}")
+    if cfg.data.canaries and cfg.data.canary_kind != "gradient":
+        raise ConfigError(f"canary_kind must be 'gradient' in a Flower run (random-word canaries are planted in "
+                          f"process only), got {cfg.data.canary_kind!r}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,6 +25,7 @@ from dpfed.data import Records, load_records, load_tokenizer, split_and_partitio
 from dpfed.errors import ConfigError, DataError
 from dpfed.flower.settings import SiteSettings
 from dpfed.privacy import DPSGDParams, new_seed
+from dpfed.seeds import SplitStream, child_seed
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +39,22 @@ def site_config(cfg: RunConfig, settings: SiteSettings) -> RunConfig:
                                    "privacy.delta": settings.delta if cfg.privacy.enabled else None})
 
 
-def site_records(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label_names: tuple[str, ...]) -> Records:
-    """The site's training records, labels indexed like the server's ``label_names``."""
+def site_records(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label_names: tuple[str, ...],
+                 audit: Any = None) -> Records:
+    """The site's training records, labels indexed like the server's ``label_names``.
+
+    ``audit`` (an audited run's plan): the records the server set aside as attack non-members
+    before the split are removed here the same way, so that the partition is the server's.
+    """
     if settings.partition_id is not None:
         if settings.num_partitions != cfg.data.num_clients:
             raise ConfigError(f"num-partitions must equal the run's data.num_clients = {cfg.data.num_clients}, "
                               f"got {settings.num_partitions}")
         records = load_records(cfg.data, task=cfg.model.task)
-        # the same split as dpfed.runner.prepare (no audit hold-out: check_supported refuses canaries)
+        holdout = 0 if audit is None else audit.holdout_size(len(records))
+        if holdout:  # the same set-aside as dpfed.setup.prepare
+            perm = np.random.default_rng(child_seed(split_seed, SplitStream.HOLDOUT)).permutation(len(records))
+            records = records.subset(np.sort(perm[holdout:]))
         shard = split_and_partition(records, cfg.data, seed=split_seed).clients[settings.partition_id]
     else:
         data = dataclasses.replace(cfg.data, source=settings.data_path)
@@ -74,7 +84,7 @@ class Site:
 
 def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label_names: tuple[str, ...],
                frozen: dict[str, torch.Tensor], noise_multiplier: float | None, round: int,  # noqa: A002
-               ledger) -> Site:
+               ledger, audit: Any = None) -> Site:
     """Build the site's client for ``round`` (per-round generators, as in :class:`dpfed.session.InProcessSites`).
 
     ``cfg`` is the server's config; :func:`site_config` applies the site's own choices.
@@ -91,7 +101,7 @@ def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label
     cfg = site_config(cfg, settings)
     device = resolve_device(cfg.device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    records = site_records(cfg, settings, split_seed=split_seed, label_names=label_names)
+    records = site_records(cfg, settings, split_seed=split_seed, label_names=label_names, audit=audit)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name))
     shard = tokenize(records, tokenizer, max_length=cfg.model.max_length)
     if len(shard) == 0:
@@ -108,14 +118,20 @@ def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label
     _install_frozen(method, frozen)
     if cfg.model.prefix_cache and isinstance(model, SequenceClassifier):
         enable_prefix_cache(model, names, [shard], device)
+    fixed = None
+    if audit is not None and cfg.data.canaries:  # this site's included gradient canaries (the server's draw)
+        _, per_site = audit.gradient_canaries({n: p.numel() for n, p in model.named_parameters() if p.requires_grad},
+                                              split_seed=split_seed)
+        fixed = per_site[settings.index]
     dp = None
     budget = None
+    n = len(shard) + (len(fixed) if fixed is not None else 0)  # the population q = b / n counts the canaries
     if cfg.privacy.record_level:
-        if cfg.privacy.delta >= 1.0 / len(shard):
-            raise ConfigError(f"delta must be < 1/n = {1.0 / len(shard):.3g} (site {settings.site_id} holds "
-                              f"{len(shard)} records), got {cfg.privacy.delta:g}")
-        if cfg.train.batch_size > len(shard):
-            raise ConfigError(f"batch_size must be <= the site's {len(shard)} records, got {cfg.train.batch_size}")
+        if cfg.privacy.delta >= 1.0 / n:
+            raise ConfigError(f"delta must be < 1/n = {1.0 / n:.3g} (site {settings.site_id} holds "
+                              f"{n} records), got {cfg.privacy.delta:g}")
+        if cfg.train.batch_size > n:
+            raise ConfigError(f"batch_size must be <= the site's {n} records, got {cfg.train.batch_size}")
         sigma = settings.noise_multiplier if settings.noise_multiplier is not None else noise_multiplier
         if sigma is None:
             raise ConfigError("noise_multiplier must come from the server or the node config, got neither")
@@ -132,7 +148,7 @@ def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label
     client = Client(client_id=settings.site_id, shard=shard, training=training, dp=dp,
                     sample_generator=sample_gen, noise_generator=noise_gen if dp else None,
                     ledger=ledger, budget=budget, device=device, autocast_dtype=autocast_dtype,
-                    diagnostics=site_local_path(settings.ledger))
+                    diagnostics=site_local_path(settings.ledger), fixed=fixed)
     return Site(model, method, client, cfg)
 
 

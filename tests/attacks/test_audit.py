@@ -117,7 +117,7 @@ def test_report_defaults_to_the_run_dir(synthetic_runs, tmp_path, run_cli):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda d: shutil.rmtree(d), "not a directory"),
-    (lambda d: (d / "canaries.json").unlink(), "canaries.json: not found; the run was trained without canaries"),
+    (lambda d: (d / "canaries.json").unlink(), "canaries.json: not found: the run was trained without --canaries"),
     (lambda d: (d / "initial_state.safetensors").write_bytes(b"garbage"), "not a readable safetensors file"),
     (lambda d: (d / "adapter" / "lorasb.safetensors").unlink(), "lorasb.safetensors: not found"),
     (lambda d: (d / "summary.json").write_text("{"), "summary.json: not valid JSON"),

@@ -16,7 +16,8 @@ from dpfed.adapters.init import factors_from_gradient, zero_factors
 from dpfed.client import Client, LocalTraining
 from dpfed.data import Records, tokenize
 from dpfed.errors import ConfigError
-from dpfed.model import inject_lorasb, load_base, select_targets
+from dpfed.adapters.lorasb import inject_lorasb
+from dpfed.model import load_base, select_targets
 from dpfed.privacy import DPSGDParams, make_generator, per_example_loss, per_sample_weight_gradients
 from dpfed.runner import calibrate, prepare, run
 

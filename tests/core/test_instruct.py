@@ -12,6 +12,7 @@ import yaml
 
 from dpfed import config as cfgmod
 from dpfed.adapters.init import init_random
+from dpfed.adapters.lorasb import inject_lorasb
 from dpfed.config import DataConfig
 from dpfed.errors import ConfigError, DataError
 from dpfed.evaluation import evaluate

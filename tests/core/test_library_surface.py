@@ -16,7 +16,8 @@ import dpfed
 from dpfed.adapters.init import init_random
 from dpfed.adapters.lorasb import trainable_state
 from dpfed.data import TokenizedShard
-from dpfed.model import DEFAULT_TARGETS, build_from_config, inject_lorasb, select_targets
+from dpfed.adapters.lorasb import inject_lorasb
+from dpfed.model import DEFAULT_TARGETS, build_from_config, select_targets
 from dpfed.privacy import make_generator
 
 

@@ -16,7 +16,8 @@ from dpfed.adapters import lorasb
 from dpfed.adapters.lorasb import LoRASBLinear, load_trainable_state, trainable_state
 from dpfed.aggregation import FedSBAggregator
 from dpfed.errors import PrivacyCheckError
-from dpfed.model import DEFAULT_TARGETS, build_from_config, inject_lorasb, select_targets
+from dpfed.adapters.lorasb import inject_lorasb
+from dpfed.model import DEFAULT_TARGETS, build_from_config, select_targets
 from dpfed.persample import PerSampleLinear, PerSampleModule, per_sample_mode, per_sample_weight_mode
 from dpfed.privacy import DPSGDParams, clipped_sum, noised_mean, per_example_loss, per_sample_gradients
 

@@ -102,7 +102,8 @@ def test_client_appends_events_before_releasing_the_payload(tmp_path):
     from dpfed.client import Client, LocalTraining
     from dpfed.data import TokenizedShard
     from dpfed.adapters.lorasb import trainable_state
-    from dpfed.model import DEFAULT_TARGETS, build_from_config, inject_lorasb, select_targets
+    from dpfed.adapters.lorasb import inject_lorasb
+    from dpfed.model import DEFAULT_TARGETS, build_from_config, select_targets
     from dpfed.privacy import DPSGDParams, make_generator
 
     torch.manual_seed(0)

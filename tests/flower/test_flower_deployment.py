@@ -22,6 +22,7 @@ pytest.importorskip("flwr", reason="the flower extra is not installed (pip insta
 pytestmark = pytest.mark.flower
 
 from accounting.ledger import Ledger  # noqa: E402
+from attacks.plan import audit_plan  # noqa: E402
 from dpfed.flower.local import LocalDeployment, shim_app, write_toml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,12 +75,25 @@ def _records(ledger: Ledger, client: str) -> list[tuple[int, object]]:
     return [(r.round, r.event) for r in ledger.records() if r.client == client]
 
 
-@pytest.mark.parametrize("unit, method", [("record", "fed-sb"), ("both", "fed-sb"), ("record", "flora")])
-def test_flower_run_equals_in_process_run(flower_cfg_path, tmp_path, unit, method):
+FEATURES = {  # one equivalence deployment per feature
+    "record": {},
+    "both": {"privacy.unit": "both", "privacy.client_epsilon": 8.0, "privacy.client_delta": 1e-2,
+             "privacy.client_clip": 0.5, "train.client_fraction": 0.67},
+    "flora": {"train.method": "flora"},
+    "dp-init": {"init.strategy": "dp", "init.dp_batch_size": 32},
+    # an audited run: gradient canaries on the sites, canary clients on the server, held-out non-members
+    "canaries": {"data.canaries": 20, "data.canary_clients": 6, "privacy.unit": "both", "privacy.client_epsilon": 8.0,
+                 "privacy.client_delta": 1e-2, "privacy.client_clip": 0.5, "train.client_fraction": 0.67},
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_flower_run_equals_in_process_run(flower_cfg_path, tmp_path, feature):
     """Same seed, partition and config: the same global R after each round and the same ledgers.
 
     ``both`` adds client-level DP-FedAvg: the Flower server clips, adds the noise and keeps the
     server ledger exactly as the in-process server does (one round loop, ``dpfed.session``).
+    ``dp-init`` runs the accounted DP initialisation on the sites (a ``query.dp_init`` message).
     ``flora`` is the hardest LoRA baseline: it folds into W0 and redraws A every round, so the
     server sends its frozen tensors with every round.
     The app is submitted from the repository itself (``flwr run .``: the FAB carries dpfed).
@@ -89,13 +103,9 @@ def test_flower_run_equals_in_process_run(flower_cfg_path, tmp_path, unit, metho
     from dpfed import config as cfgmod
     from dpfed.runner import load_checkpoint, prepare, run
 
-    over = {"train.method": method}
-    if unit == "both":
-        over.update({"privacy.unit": "both", "privacy.client_epsilon": 8.0, "privacy.client_delta": 1e-2,
-                     "privacy.client_clip": 0.5, "train.client_fraction": 0.67})
-    if over != {"train.method": "fed-sb"}:
-        cfg = cfgmod.override(cfgmod.load(flower_cfg_path), **over)
-        flower_cfg_path = tmp_path / f"{unit}-{method}.yaml"
+    if FEATURES[feature]:
+        cfg = cfgmod.override(cfgmod.load(flower_cfg_path), **FEATURES[feature])
+        flower_cfg_path = tmp_path / f"{feature}.yaml"
         flower_cfg_path.write_text(cfgmod.to_yaml(cfg))
     out = tmp_path / "flower-run"
     assert _deploy(out, flower_cfg_path, app_dir=REPO) == "finished:completed"
@@ -106,7 +116,8 @@ def test_flower_run_equals_in_process_run(flower_cfg_path, tmp_path, unit, metho
         if kind == "round":
             after_round[info["round"]] = load_checkpoint(ref)[1]
 
-    expected = run(prepare(cfgmod.load(flower_cfg_path)), ref, progress=progress)
+    loaded = cfgmod.load(flower_cfg_path)
+    expected = run(prepare(loaded, audit=audit_plan(loaded)), ref, progress=progress)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 2 and summary["stop_reason"] == "completed"
     assert summary["flower"]["replies_rejected"] == summary["flower"]["sites_failed"] == 0
@@ -122,8 +133,8 @@ def test_flower_run_equals_in_process_run(flower_cfg_path, tmp_path, unit, metho
         site = Ledger(out / "sites" / cid / "ledger.jsonl")
         assert site.clients() == [cid]
         assert _records(site, cid) == _records(in_process, cid) == _records(reported, cid)
-        if unit == "record":  # (with client-level Poisson sampling a site may sit a round out)
-            assert [r for r, _ in _records(site, cid)] == [1, 2]
+        if feature not in ("both", "canaries"):  # (with client-level Poisson sampling a site may sit a round out)
+            assert [r for r, _ in _records(site, cid)] == ([0, 1, 2] if feature == "dp-init" else [1, 2])
     assert summary["epsilon_per_client"] == pytest.approx(expected["epsilon_per_client"], rel=1e-12)
     assert summary["noise_multiplier"] == expected["noise_multiplier"]
     for a, b in zip(*(([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]) for d in (ref, out))):
@@ -132,12 +143,19 @@ def test_flower_run_equals_in_process_run(flower_cfg_path, tmp_path, unit, metho
     for f in ("config.yaml", "budget.json", "run.json", "initial_state.safetensors", "checkpoint.safetensors",
               "checkpoint.json"):
         assert (out / f).is_file(), f
-    if unit == "both":  # the server ledger and the client-level guarantee, as in process
+    if feature == "canaries":  # the same secret canaries, and dpfed audit reads the Flower run
+        assert (out / "canaries.json").read_text() == (ref / "canaries.json").read_text()
+        assert (out / "canary_clients.json").read_text() == (ref / "canary_clients.json").read_text()
+        from attacks.audit import audit_run
+
+        assert audit_run(out)["verdict"] in ("consistent", "no-claim")
+    if feature in ("both", "canaries"):  # the server ledger and the client-level guarantee, as in process
         assert _records(Ledger(out / "server_ledger.jsonl"), "all-clients") == _records(
             Ledger(ref / "server_ledger.jsonl"), "all-clients")
         assert summary["client_level"]["epsilon"] == pytest.approx(expected["client_level"]["epsilon"], rel=1e-12)
 
 
+@pytest.mark.slow  # fault tolerance and the CLI around a deployment: CI runs them (make test-slow)
 def test_site_killed_during_a_round(flower_cfg_path, tmp_path):
     """SuperNode 2 dies while it works on round 2: the round completes with the other two sites,
     and the dead site's ledger still shows what it spent (round 1, and round 2 if it got that far)."""
@@ -210,6 +228,7 @@ def _strays(out: Path) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # fault tolerance and the CLI around a deployment: CI runs them (make test-slow)
 def test_cli_with_tls_and_supernode_auth(flower_cfg_path, tmp_path):
     """``dpfed flower-local --tls``: the SuperLink serves TLS and admits only registered SuperNode keys."""
     out = tmp_path / "tls-run"
@@ -262,6 +281,7 @@ def test_tls_superlink_refuses_unregistered_and_insecure_supernodes(tmp_path):
     assert _alive(seen) == []
 
 
+@pytest.mark.slow  # fault tolerance and the CLI around a deployment: CI runs them (make test-slow)
 def test_cli_ctrl_c_shuts_everything_down(flower_cfg_path, tmp_path):
     out = tmp_path / "interrupted"
     # many rounds: the run must still be going when SIGINT arrives (two tiny rounds can finish first)
