@@ -217,7 +217,33 @@ def _split_lines(raw: bytes) -> tuple[list[bytes], bytes]:
     return lines, tail
 
 
-class Ledger:
+class _RecordsView:
+    """The reading side shared by :class:`Ledger` and :class:`MemoryLedger` (over ``self._records``)."""
+
+    _records: list[LedgerRecord]
+
+    def records(self) -> tuple[LedgerRecord, ...]:
+        """Every record, in order."""
+        return tuple(self._records)
+
+    def __len__(self) -> int:
+        """Number of records (lines of a file ledger)."""
+        return len(self._records)
+
+    def clients(self) -> list[str]:
+        """Clients with at least one record, sorted."""
+        return sorted({record.client for record in self._records})
+
+    def events(self, client: str) -> list[Event]:
+        """The events recorded for ``client``, in ledger order."""
+        return [record.event for record in self._records if record.client == client]
+
+    def rounds_completed(self, client: str) -> set[int]:
+        """Rounds for which ``client`` has at least one record."""
+        return {record.round for record in self._records if record.client == client}
+
+
+class Ledger(_RecordsView):
     """An append-only JSON-lines privacy ledger holding the events of many clients.
 
     ``Ledger(path)`` creates the parent directory and an empty file if absent, or reads
@@ -345,52 +371,15 @@ class Ledger:
         """Whether every line's HMAC was checked against a key (False when opened without one)."""
         return self._key is not None
 
-    def records(self) -> tuple[LedgerRecord, ...]:
-        return tuple(self._records)
-
-    def __len__(self) -> int:
-        """Number of records (lines)."""
-        return len(self._records)
-
-    def clients(self) -> list[str]:
-        """Clients with at least one record, sorted."""
-        return sorted({record.client for record in self._records})
-
-    def events(self, client: str) -> list[Event]:
-        """The events recorded for ``client``, in ledger order."""
-        return [record.event for record in self._records if record.client == client]
-
-    def rounds_completed(self, client: str) -> set[int]:
-        """Rounds for which ``client`` has at least one record."""
-        return {record.round for record in self._records if record.client == client}
 
     # -- writing -----------------------------------------------------------------
     def append(self, *, client: str, round: int, event: Event, note: str = "") -> LedgerRecord:  # noqa: A002
         """Durably append one event; returns after write + flush + fsync (write-ahead)."""
         if self._keyed and self._key is None:
             raise LedgerKeyError(f"{self.path}: the ledger is keyed; appending needs its key, got none")
-        client = _check_client(client)
-        round_ = _check_round(round)
-        check_event(event)
-        if not isinstance(note, str) or not note.isprintable():
-            raise AccountingInputError(f"note must be a printable string, got {note!r}")
-        if self._units.get(client, event.unit) != event.unit:
-            raise AccountingInputError(
-                f"event.unit must match client {client!r}'s privacy unit {self._units[client]!r}, "
-                f"got {event.unit!r}"
-            )
-        prev_seq, prev = self.head
         time = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-        content = {
-            "v": FORMAT_VERSION, "seq": prev_seq + 1, "client": client, "round": round_, "unit": event.unit,
-            "event": event_to_dict(event), "note": note, "time": time, "prev": prev,
-        }
-        digest = _chain_hash(prev, content)
-        mac = _chain_mac(self._key, prev, content) if self._key is not None else None
-        record = LedgerRecord(
-            seq=prev_seq + 1, client=client, round=round_, unit=event.unit, event=event,
-            note=note, time=time, prev=prev, hash=digest, mac=mac,
-        )
+        record = _new_record(self.head, self._units, client=client, round=round, event=event, note=note, time=time,
+                             key=self._key)
         line = (_canonical(record.to_dict()) + "\n").encode("ascii")
         if not self.path.exists():
             if self._records:
@@ -409,7 +398,7 @@ class Ledger:
             handle.flush()
             os.fsync(handle.fileno())
         self._records.append(record)
-        self._units.setdefault(client, event.unit)
+        self._units.setdefault(record.client, event.unit)
         self._size += len(line)
         return record
 
@@ -468,7 +457,7 @@ def _timestamp(when: datetime) -> str:
 
 
 def _new_record(head: tuple[int, str], units: dict[str, str], *, client: str, round: int,  # noqa: A002
-                event: Event, note: str, time: str) -> LedgerRecord:
+                event: Event, note: str, time: str, key: bytes | None = None) -> LedgerRecord:
     """Validate one append against the chain's ``head`` and the clients' ``units``; the chained record.
 
     The same checks and messages as :meth:`Ledger.append`; changes nothing.
@@ -490,10 +479,11 @@ def _new_record(head: tuple[int, str], units: dict[str, str], *, client: str, ro
     return LedgerRecord(
         seq=prev_seq + 1, client=client, round=round_, unit=event.unit, event=event,
         note=note, time=time, prev=prev, hash=_chain_hash(prev, content),
+        mac=_chain_mac(key, prev, content) if key is not None else None,
     )
 
 
-class MemoryLedger:
+class MemoryLedger(_RecordsView):
     """An in-memory privacy ledger for library use: :class:`Ledger`'s reading and appending interface, no file.
 
     ``append(client=..., round=..., event=..., note=...)``, :meth:`events`, :meth:`clients`,
@@ -533,25 +523,6 @@ class MemoryLedger:
         """Always False: there is no MAC to verify."""
         return False
 
-    def records(self) -> tuple[LedgerRecord, ...]:
-        """Every record, in order."""
-        return tuple(self._records)
-
-    def __len__(self) -> int:
-        """Number of records."""
-        return len(self._records)
-
-    def clients(self) -> list[str]:
-        """Clients with at least one record, sorted."""
-        return sorted({record.client for record in self._records})
-
-    def events(self, client: str) -> list[Event]:
-        """The events recorded for ``client``, in ledger order."""
-        return [record.event for record in self._records if record.client == client]
-
-    def rounds_completed(self, client: str) -> set[int]:
-        """Rounds for which ``client`` has at least one record."""
-        return {record.round for record in self._records if record.client == client}
 
     def append(self, *, client: str, round: int, event: Event, note: str = "") -> LedgerRecord:  # noqa: A002
         """Validate and append one event in memory; returns the chained record (nothing is written)."""
