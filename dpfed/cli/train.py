@@ -223,8 +223,11 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
         ("clients (per round)", f"{summary['clients']} ({summary['clients_per_round']})"),
         ("test accuracy" if summary["accuracy"] is not None else "eval loss",
          f"{summary['accuracy']:.4f}" if summary["accuracy"] is not None else f"{summary['eval_loss']:.4f}"),
-        ("accuracy before federated training",
-         f"{summary['initial_eval'].get('accuracy', float('nan')):.4f}"),
+        (("accuracy before federated training", f"{summary['initial_eval']['accuracy']:.4f}")
+         if (summary.get("initial_eval") or {}).get("accuracy") is not None else
+         ("eval loss before federated training",
+          f"{summary['initial_eval']['eval_loss']:.4f}" if (summary.get("initial_eval") or {}).get("eval_loss") is not None
+          else "—")),
         ("bytes up / down per client per round", f"{summary['bytes_up_per_client_round']} / {summary['bytes_down_per_client_round']}"),
         ("trainable parameters", str(summary["trainable_params"])),
         ("wall time (training) / setup", f"{summary['wall_seconds']:.0f} s / {summary['setup_seconds']:.0f} s"),

@@ -213,15 +213,14 @@ def test_plan_labels_prv_when_prv_answers(run_cli):
     assert result["epsilon_accountant"] == "prv" and result["epsilon_lower"] is not None
 
 
-def test_plan_at_the_bound_is_fast():
-    """The bound's promise: calibrating at ε = 100 takes seconds (ε = 1e9 took 126 s before it)."""
-    import time
+def test_plan_at_the_bound_answers():
+    """At the bound itself calibration works and its answer holds (its time is in the README, not asserted)."""
+    from accounting import planning, prv
+    from accounting.events import PoissonGaussianEvent
 
-    from accounting import planning
-
-    start = time.perf_counter()
     sigma = planning.calibrate_noise(target_epsilon=100.0, delta=1e-5, workloads=[(0.01, 1000)])
-    assert 0 < sigma < 1 and time.perf_counter() - start < 60
+    event = PoissonGaussianEvent(noise_multiplier=sigma, sample_rate=0.01, count=1000)
+    assert prv.epsilon([event], delta=1e-5).upper <= 100.0
 
 
 # -- quiet output ------------------------------------------------------------------------------------------------------
@@ -282,30 +281,49 @@ def test_tokens_and_prefix_states_are_cached_and_reused(tiny_bert_dir, tiny_csv,
     model = load_base(tiny_bert_dir, task="classification")
     model.prefix_start = 1
 
+    def kinds() -> list[str]:
+        return sorted(p.relative_to(cache).parts[0] for p in cache.rglob("*.safetensors"))
+
     first = data.tokenize(records, tok, max_length=32)
     data.attach_prefix_cache(model, first, batch_size=64)
     files = sorted(cache.rglob("*.safetensors"))
-    assert [p.parent.name for p in files] == ["prefix", "tokens"]  # one file per shard and kind
+    assert kinds() == ["prefix", "tokens"]  # one file per shard and kind
     assert all(mode == (0o600 if Path(name).suffix else 0o700) for name, mode in _modes(cache).items())
 
-    calls = []
-    monkeypatch.setattr(model, "bottom", lambda *a: calls.append(a))  # a cache hit never runs the model
+    bottom = model.bottom
+    calls: list[int] = []
+
+    def counting(ids, mask):
+        calls.append(ids.shape[0])
+        return bottom(ids, mask)
+
+    monkeypatch.setattr(model, "bottom", counting)
     second = data.tokenize(records, tok, max_length=32)
     data.attach_prefix_cache(model, second, batch_size=64)
-    assert calls == [] and second.ids == first.ids
+    assert calls == [] and second.ids == first.ids  # a cache hit never runs the model
     assert all(torch.equal(a, b) for a, b in zip(first.hidden, second.hidden))
     assert sorted(cache.rglob("*.safetensors")) == files
 
-    # what it is keyed by: other texts, another max_length or other frozen weights miss the cache
+    # another split: records seen before come from the cache, only new ones are computed
+    data.attach_prefix_cache(model, data.tokenize(records.subset(range(300)), tok, max_length=32), batch_size=64)
+    assert calls == []
+    other = records.subset(range(300, 400))
+    fresh = data.tokenize(other, tok, max_length=6)  # truncated: new token ids
+    data.attach_prefix_cache(model, fresh, batch_size=64)
+    computed = sum(calls)
+    assert 0 < computed <= 100
+    calls.clear()
+    again = data.tokenize(other, tok, max_length=6)
+    data.attach_prefix_cache(model, again, batch_size=64)
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(fresh.hidden, again.hidden))
+
+    # other frozen weights are another store
     monkeypatch.undo()
     monkeypatch.setenv("DPFED_CACHE", str(cache))
-    data.tokenize(records.subset(range(10)), tok, max_length=32)
-    data.tokenize(records, tok, max_length=16)
     with torch.no_grad():
         model.encoder.embeddings.word_embeddings.weight[0, 0] += 1.0
     data.attach_prefix_cache(model, first, batch_size=64)
-    kinds = [p.parent.name for p in cache.rglob("*.safetensors")]
-    assert kinds.count("tokens") == 3 and kinds.count("prefix") == 2
+    assert len({p.parent for p in (cache / "prefix").rglob("*.safetensors")}) == 2
 
 
 def test_cached_states_equal_uncached_and_a_bad_file_is_recomputed(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
@@ -434,8 +452,6 @@ def test_readme_states_the_epsilon_bound():
 
 # -- the causal-LM summary (dpfed/cli/train.py's owner applies the fix) ------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 15 item 4: _print_summary in dpfed/cli/train.py still prints nan; "
-                                      "remove this marker with the fix")
 def test_causal_lm_summary_shows_the_loss_before_training(tiny_llama_dir, tiny_csv, tmp_path, run_cli):
     code, out, err = run_cli(_train(tiny_llama_dir, tiny_csv, tmp_path / "run", "--task", "causal-lm"))
     assert code == 0, err

@@ -317,3 +317,12 @@ def test_dpfed_train_task_instruct_end_to_end(tiny_llama_dir, tiny_csv, tmp_path
     assert [x["round"] for x in lines] == [1, 2] and all(0 <= x["accuracy"] <= 1 for x in lines)
     assert s["init_info"]["prefix_cache_layers"] == 1.0
     assert (out / "adapter" / "peft" / "adapter_config.json").is_file()
+
+
+def test_the_llm_demo_config_is_valid():
+    from pathlib import Path
+
+    cfg = cfgmod.load(Path(__file__).resolve().parents[2] / "configs" / "demo-llm.yaml")
+    assert cfg.model.task == "instruct" and cfg.model.name == "embedded:smollm2-135m-instruct"
+    assert cfg.privacy.epsilon == 3.0 and cfg.privacy.delta == 1e-5 and cfg.data.num_clients == 10
+    assert cfg.data.response_map == {"fresh": "positive", "rotten": "negative"} and "{text}" in cfg.data.template
