@@ -28,6 +28,7 @@ import logging
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -341,6 +342,44 @@ def calibrate_noise(
         for q, steps in pareto_workloads(loads)
     ]
     return max(sigmas)
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """One site's planned record-level releases: ``steps`` Poisson-Gaussian steps at ``sample_rate``
+    (the σ to be found), plus ``fixed_events`` it spends whatever σ is (e.g. the DP initialisation)."""
+
+    sample_rate: float
+    steps: int
+    fixed_events: tuple[Event, ...] = ()
+
+
+def calibrate_sites(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sites: Sequence[SitePlan],
+    accountant: str = "prv",
+    unit: str = "record",
+) -> float:
+    """The one σ calibration of a federated run: ``dpfed plan`` and training both call it.
+
+    The smallest 3-significant-digit σ with which every site's planned events stay within
+    ``target_epsilon``: sites with the same fixed events share one :func:`calibrate_noise`
+    (whose workloads keep only the Pareto-worst (q, steps)), and the largest σ over those
+    groups is returned. Raises AccountingInputError when a site's fixed events alone reach
+    the target.
+    """
+    if not sites:
+        raise AccountingInputError("sites must hold at least one SitePlan, got none")
+    groups: dict[tuple[Event, ...], list[tuple[float, int]]] = {}
+    for site in sites:
+        if not isinstance(site, SitePlan):
+            raise AccountingInputError(f"sites must hold SitePlan values, got {type(site).__name__}")
+        groups.setdefault(tuple(site.fixed_events), []).append((site.sample_rate, site.steps))
+    return max(calibrate_noise(target_epsilon=target_epsilon, delta=delta, workloads=loads, fixed_events=fixed,
+                               accountant=accountant, unit=unit)
+               for fixed, loads in groups.items())
 
 
 def _calibrate_one(q: float, steps: int, *, target: float, delta: float, fixed: list[Event],

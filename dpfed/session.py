@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -218,10 +219,12 @@ def _select(job: Job, rnd: int, n_sites: int, q_client: float, per_round: int, s
 def train_rounds(job: Job, run_dir: Path, *, transport: Transport, ledger, server_ledger,
                  global_state: dict[str, torch.Tensor], start_round: int, seed: int, eval0: dict[str, float],
                  init_info: dict[str, Any], progress: Progress, resumed: dict[str, Any] | None,
-                 keep_rounds: bool = False) -> dict[str, Any]:
+                 keep_rounds: bool = False, stop_after: int = 0) -> dict[str, Any]:
     """Rounds ``start_round`` .. ``train.rounds``; a budget refusal ends the run early. Returns the summary.
 
     ``keep_rounds`` also keeps the global state after every round in ``rounds/round-NNN.safetensors``.
+    ``stop_after`` > 0 ends this session after that round when rounds remain: no adapter and no
+    summary are written, the run stays resumable, and ``{"paused_after_round": r}`` is returned.
     """
     cfg, model = job.cfg, job.model
     t_start = time.time()
@@ -314,6 +317,9 @@ def train_rounds(job: Job, run_dir: Path, *, transport: Transport, ledger, serve
             save_state(run_dir / "rounds" / f"round-{rnd:03d}.safetensors", global_state)
         rounds_done = rnd
         progress("round", line)
+        if 0 < stop_after <= rnd < cfg.train.rounds:
+            log.info("pausing after round %d of %d: the run is resumable", rnd, cfg.train.rounds)
+            return {"paused_after_round": rnd}
     job.method.export(run_dir / "adapter", task=cfg.model.task, base_model=cfg.model.name)
     sizes_by_site = dict(transport.site_sizes)
     eps_final = ({s: prv_epsilon(ledger.events(s), delta=cfg.privacy.delta) for s in transport.site_ids}
@@ -338,3 +344,98 @@ def train_rounds(job: Job, run_dir: Path, *, transport: Transport, ledger, serve
     summary.update(release("summary", transport.summary_extras(), unit=unit_of(cfg)))
     write_json(run_dir / SUMMARY, summary)
     return summary
+
+
+@dataclass(frozen=True)
+class Reopened:
+    """A run directory opened to continue: the rebuilt job, its ledgers, and where to go on."""
+
+    job: Job
+    ledger: Any
+    server_ledger: Any
+    first: int  # the first round still to run
+    eval0: dict[str, float]
+    site_sizes: dict[str, int]  # each site's population, as the run recorded it
+
+
+def reopen(run_dir: Path, *, progress: Progress, device: str | None = None, ledger_key: bytes | None = None,
+           audit: Callable[[Any], Any] | None = None) -> Reopened:
+    """Everything ``--resume`` checks and rebuilds before its first round, for any transport.
+
+    Refuses a finished run, a changed ``config.yaml``, a ledger whose chain disagrees with the
+    checkpoint (``dpfed.rundir_check``), a keyed ledger without its key, and a site that has
+    already spent more than its budget. Rebuilds the data split and the model with the recorded
+    split seed and σ; the adapter factors and the state come from the checkpoint. A torn last
+    ledger line is repaired conservatively (the round in flight stays counted).
+    """
+    import dataclasses
+    import json
+
+    import yaml
+
+    from dpfed.errors import ConfigError, RunComplete
+    from dpfed.jsonio import read_json_object
+    from dpfed.privacy import new_seed
+    from dpfed.rundir import (
+        LEDGER,
+        load_checkpoint,
+        open_ledger_for_resume,
+        truncate_metrics,
+    )
+    from dpfed.rundir_check import verify_run_ledgers
+    from dpfed.setup import prepare
+
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / RUN_JSON).is_file():
+        raise ConfigError(f"--resume must name a run directory with config.yaml and {RUN_JSON}, got '{run_dir}'")
+    if (run_dir / SUMMARY).is_file():  # written only when a run ends (all rounds, or a budget stop)
+        raise RunComplete(run_dir, read_json_object(run_dir / SUMMARY, what="summary"))
+    config_text = (run_dir / "config.yaml").read_bytes()
+    info = json.loads((run_dir / RUN_JSON).read_text())
+    meta, trainable, frozen = load_checkpoint(run_dir)
+    digest = sha256_hex(config_text)
+    if digest != info["config_sha256"] or digest != meta["config_sha256"]:
+        raise ConfigError(f"{run_dir}/config.yaml changed since the run started (sha256 mismatch); refusing to resume")
+    cfg = config_mod.from_dict(yaml.safe_load(config_text))
+    if device is not None:
+        cfg = config_mod.override(cfg, device=device)
+    # rebuild data split and model; the adapter factors and state come from the checkpoint, so init is skipped
+    cheap = config_mod.override(cfg, **{"init.strategy": "random", "init.head": "random",
+                                        "privacy.noise_multiplier": info["noise_multiplier"],
+                                        "privacy.client_noise_multiplier": info.get("client_noise_multiplier")})
+    job = prepare(cheap, progress=progress, split_seed=int(info["split_seed"]),
+                  audit=audit(cheap) if audit is not None else None)
+    seed_is_user = info.get("seed") is not None  # an OS-entropy seed was never recorded: draw a new one
+    job = dataclasses.replace(job, cfg=cfg, init_info=info.get("init_info", {}), seed_is_user=seed_is_user,
+                              seed=int(info["seed"]) if seed_is_user else new_seed())
+    job.method.load_frozen_state(frozen)
+    load_trainable_state(job.model, trainable)
+    first = int(meta["round"]) + 1
+    flower = info.get("flower") or {}
+    site_sizes = ({str(k): int(v) for k, v in flower["sites"].items()} if flower.get("sites")
+                  else {f"client-{i:03d}": n for i, n in enumerate(job.population_sizes())})
+
+    def in_flight_record() -> list[tuple[str, int, Any]]:
+        if not job.dp:
+            return []
+        return [(site, first, PoissonGaussianEvent(noise_multiplier=job.noise_multiplier,
+                                                   sample_rate=sample_rate(cfg.train.batch_size, n),
+                                                   count=cfg.train.local_steps)) for site, n in site_sizes.items()]
+
+    def in_flight_server() -> list[tuple[str, int, Any]]:
+        return [(SERVER_ID, first, server_event(job))]
+
+    ledger = open_ledger_for_resume(run_dir / LEDGER, meta["ledger_head"], in_flight_record, key=ledger_key)
+    server_ledger = (open_ledger_for_resume(run_dir / SERVER_LEDGER, meta.get("server_ledger_head"), in_flight_server,
+                                            key=ledger_key) if job.client_dp else None)
+    if ledger.keyed and not ledger.mac_verified:
+        raise ConfigError(f"--ledger-key must be given to resume {run_dir}: its ledger is keyed (HMAC), got no key")
+    verify_run_ledgers(run_dir, key=ledger_key)  # a torn line is repaired above; the rest must agree with the checkpoint
+    if job.dp:  # refuse at once if the ledger already holds more than the budget
+        for site in site_sizes:
+            eps = prv_epsilon(ledger.events(site), delta=cfg.privacy.delta).upper
+            if eps > cfg.privacy.epsilon:
+                raise ConfigError(f"client {site} has already spent epsilon {eps:.4f} > budget {cfg.privacy.epsilon:g} "
+                                  f"(over by {eps - cfg.privacy.epsilon:.4f}); refusing to resume")
+    truncate_metrics(run_dir / METRICS, last_round=first - 1)
+    return Reopened(job=job, ledger=ledger, server_ledger=server_ledger, first=first,
+                    eval0=info.get("initial_eval") or {}, site_sizes=site_sizes)

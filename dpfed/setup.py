@@ -301,31 +301,40 @@ def dp_init_params(cfg: RunConfig) -> DPSGDParams:
     return DPSGDParams(noise_multiplier=i.dp_noise_multiplier, clip=i.dp_clip, expected_batch_size=i.dp_batch_size)
 
 
-def calibrate(cfg: RunConfig, sizes: list[int]) -> float:
-    """σ such that the client with the most compositions ends at or below ε after all planned rounds.
+def site_plans(cfg: RunConfig, sizes: list[int]) -> list:
+    """Each site's planned record-level releases (``accounting.planning.SitePlan``) for the run ``cfg``.
 
-    With ``init: dp`` each client's initialisation event is part of its plan (same total ε).
+    ``rounds × local_steps`` Poisson-Gaussian steps at q = batch / n; with ``init: dp`` the
+    site's DP-initialisation release at q0 = dp_batch / n is a fixed event of its plan.
     """
-    from accounting.errors import AccountingInputError
     from accounting.events import PoissonGaussianEvent
-    from accounting.planning import calibrate_noise
+    from accounting.planning import SitePlan
 
     steps = cfg.train.rounds * cfg.train.local_steps
-    if cfg.init.strategy != "dp":
-        workloads = [(sample_rate(cfg.train.batch_size, n), steps) for n in sizes]
-        return calibrate_noise(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, workloads=workloads)
-    sigmas = []
-    for n in sorted(set(sizes)):  # the init event differs per client size: plan each distinct size
-        init_ev = PoissonGaussianEvent(noise_multiplier=cfg.init.dp_noise_multiplier,
-                                       sample_rate=sample_rate(cfg.init.dp_batch_size, n), count=1)
-        try:
-            sigmas.append(calibrate_noise(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
-                                          workloads=[(sample_rate(cfg.train.batch_size, n), steps)], fixed_events=[init_ev]))
-        except AccountingInputError:
-            raise ConfigError(f"init.dp_noise_multiplier must leave budget for training: the DP initialisation alone "
-                              f"spends the whole epsilon {cfg.privacy.epsilon:g} for a client of {n} records, "
-                              f"got {cfg.init.dp_noise_multiplier:g}") from None
-    return max(sigmas)
+    plans = []
+    for n in sizes:
+        fixed = ((PoissonGaussianEvent(noise_multiplier=cfg.init.dp_noise_multiplier,
+                                       sample_rate=sample_rate(cfg.init.dp_batch_size, n), count=1),)
+                 if cfg.init.strategy == "dp" else ())
+        plans.append(SitePlan(sample_rate=sample_rate(cfg.train.batch_size, n), steps=steps, fixed_events=fixed))
+    return plans
+
+
+def calibrate(cfg: RunConfig, sizes: list[int]) -> float:
+    """σ such that every site ends at or below ε after all planned rounds: ``accounting.planning.calibrate_sites``,
+    the calibration ``dpfed plan`` runs. With ``init: dp`` each site's initialisation event is part of its plan.
+    """
+    from accounting.errors import AccountingInputError
+    from accounting.planning import calibrate_sites
+
+    try:
+        return calibrate_sites(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, sites=site_plans(cfg, sizes))
+    except AccountingInputError:
+        if cfg.init.strategy != "dp":
+            raise
+        raise ConfigError(f"init.dp_noise_multiplier must leave budget for training: the DP initialisation alone "
+                          f"spends the whole epsilon {cfg.privacy.epsilon:g} for a client of {min(sizes)} records, "
+                          f"got {cfg.init.dp_noise_multiplier:g}") from None
 
 
 def client_noise_multiplier(cfg: RunConfig) -> float:

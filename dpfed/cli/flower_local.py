@@ -53,6 +53,9 @@ def flower_local(
     round_timeout: Annotated[float, typer.Option(help="seconds to wait for one round's replies")] = 600.0,
     tls: Annotated[bool, typer.Option("--tls", help="TLS with a throwaway CA and SuperNode authentication (default: --insecure on loopback)")] = False,
     out: options.Out = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="continue the interrupted flower-local run in this directory from its last checkpoint "
+                         "(same sites, their ledgers kept); no other run option may be given")] = None,
     fmt: options.Format = "table",
 ) -> None:
     """Run Fed-SB under per-site record-level DP on a local Flower deployment (SuperLink + N SuperNodes)."""
@@ -69,27 +72,53 @@ def flower_local(
         raise ConfigError(f"min-sites must be in [1, sites = {sites}], got {min_sites}")
     if not round_timeout > 0:
         raise ConfigError(f"round-timeout must be a number of seconds > 0, got {round_timeout}")
-    cfg, notes = options.run_config(
-        options.base_config(config), epsilon=epsilon, delta=delta, model=model, task=task, dataset=dataset,
-        text_column=text_column, label_column=label_column, labels=labels, public_data=public_data,
-        public_fraction=public_fraction, drop_invalid=drop_invalid, clients=sites, partition=partition,
-        dirichlet_alpha=dirichlet_alpha, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
-        rank=rank, target_modules=target_modules, client_fraction=client_fraction, init=init, device=device,
-        seed=seed, clip=clip, noise_multiplier=noise_multiplier,
-    )
-    check_supported(cfg)
-    bin_dir()  # flwr installed?
-    run_dir = out if out is not None else Path("runs") / time.strftime("flower-%Y%m%d-%H%M%S")
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise ConfigError(f"out must be a new or empty directory, got existing '{run_dir}'")
-    run_dir = run_dir.resolve()
-    work = run_dir / "flower"
-    work.mkdir(parents=True)
-    cfg_path = work / "dpfed-config.yaml"
-    cfg_path.write_text(cfgmod.to_yaml(cfg))
+    run_options = dict(config=config, epsilon=epsilon, delta=delta, model=model, task=task, dataset=dataset,
+                       text_column=text_column, label_column=label_column, labels=labels, public_data=public_data,
+                       public_fraction=public_fraction, partition=partition, dirichlet_alpha=dirichlet_alpha,
+                       rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr, rank=rank,
+                       target_modules=target_modules, clip=clip, noise_multiplier=noise_multiplier,
+                       client_fraction=client_fraction, init=init, device=device, seed=seed, out=out)
+    if resume is not None:
+        given = [k for k, v in run_options.items() if v is not None] + (["drop_invalid"] if drop_invalid else [])
+        if given:
+            raise ConfigError(f"--resume continues the run with its own config.yaml: --{given[0].replace('_', '-')} "
+                              f"must not be given with it, got {run_options.get(given[0], drop_invalid)!r}")
+        run_dir = resume.resolve()
+        if not (run_dir / "config.yaml").is_file() or not (run_dir / "run.json").is_file():
+            raise ConfigError(f"--resume must name a flower-local run directory with config.yaml and run.json, "
+                              f"got '{resume}'")
+        if (run_dir / "summary.json").is_file():
+            raise ConfigError(f"--resume: the run in '{resume}' is complete (summary.json exists); nothing to resume")
+        cfg, notes = cfgmod.load(run_dir / "config.yaml"), []
+        sites = cfg.data.num_clients
+        if not 1 <= min_sites <= sites:
+            raise ConfigError(f"min-sites must be in [1, sites = {sites}], got {min_sites}")
+        bin_dir()  # flwr installed?
+        work = run_dir / "flower" / time.strftime("resume-%Y%m%d-%H%M%S")
+        work.mkdir(parents=True)
+        server = {"out-dir": str(run_dir), "resume": True}
+    else:
+        cfg, notes = options.run_config(
+            options.base_config(config), epsilon=epsilon, delta=delta, model=model, task=task, dataset=dataset,
+            text_column=text_column, label_column=label_column, labels=labels, public_data=public_data,
+            public_fraction=public_fraction, drop_invalid=drop_invalid, clients=sites, partition=partition,
+            dirichlet_alpha=dirichlet_alpha, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
+            rank=rank, target_modules=target_modules, client_fraction=client_fraction, init=init, device=device,
+            seed=seed, clip=clip, noise_multiplier=noise_multiplier,
+        )
+        check_supported(cfg)
+        bin_dir()  # flwr installed?
+        run_dir = out if out is not None else Path("runs") / time.strftime("flower-%Y%m%d-%H%M%S")
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise ConfigError(f"out must be a new or empty directory, got existing '{run_dir}'")
+        run_dir = run_dir.resolve()
+        work = run_dir / "flower"
+        work.mkdir(parents=True)
+        cfg_path = work / "dpfed-config.yaml"
+        cfg_path.write_text(cfgmod.to_yaml(cfg))
+        server = {"config": str(cfg_path), "out-dir": str(run_dir)}
     run_config = write_toml(work / "run-config.toml", {
-        "config": str(cfg_path), "out-dir": str(run_dir), "sites": sites, "min-sites": min_sites,
-        "round-timeout": float(round_timeout), "wait-timeout": 120.0})
+        **server, "sites": sites, "min-sites": min_sites, "round-timeout": float(round_timeout), "wait-timeout": 120.0})
     nodes = []
     for i in range(sites):
         node = {"partition-id": i, "num-partitions": sites,
@@ -137,7 +166,9 @@ def flower_local(
         err.print(f"error: {exc}")
         raise typer.Exit(1)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the deployment has been torn down by now
-        err.print(f"interrupted: the SuperLink and the {sites} SuperNodes were stopped; {run_dir} is incomplete")
+        resumable = (run_dir / "checkpoint.json").is_file() and not (run_dir / "summary.json").is_file()
+        err.print(f"interrupted: the SuperLink and the {sites} SuperNodes were stopped; {run_dir} is incomplete"
+                  + (f" (continue it: dpfed flower-local --resume {run_dir})" if resumable else ""))
         raise typer.Exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)

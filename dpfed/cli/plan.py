@@ -199,9 +199,10 @@ def plan(
                               "init_noise_multiplier": init_noise_multiplier}
 
     if mode == "inverse":
-        sigma = max(planning.calibrate_noise(target_epsilon=epsilon, delta=delta, accountant=acc, fixed_events=fixed_for(c),
-                                             workloads=[(rate, total_steps)])
-                    for (rate, _), c in groups.items())
+        sigma = planning.calibrate_sites(  # the calibration training runs (dpfed.setup.calibrate)
+            target_epsilon=epsilon, delta=delta, accountant=acc,
+            sites=[planning.SitePlan(sample_rate=c["sample_rate"], steps=total_steps, fixed_events=tuple(fixed_for(c)))
+                   for c in clients])
         result["target_epsilon"] = epsilon
     elif mode == "max_rounds":
         sigma = noise_multiplier

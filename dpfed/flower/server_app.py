@@ -60,18 +60,32 @@ def _noop(kind: str, info: dict[str, Any]) -> None:
 
 
 def serve(grid: Grid, settings: ServerSettings, *, progress=_noop) -> dict[str, Any]:
-    """Run the whole federated job over ``grid``; write the run directory; return the summary."""
+    """Run the whole federated job over ``grid`` (or continue it: ``resume``); write the run directory.
+
+    Returns the summary, or ``{"paused_after_round": r}`` when ``stop-after`` ended the session early.
+    """
     from dpfed.adapters.lorasb import trainable_state
     from dpfed.errors import ConfigError
     from dpfed.runner import prepare
+    from dpfed.session import reopen
 
-    cfg = settings.run_config()
-    check_supported(cfg)
     run_dir = settings.out_dir.resolve()
-    if run_dir.exists() and (not run_dir.is_dir() or any((run_dir / f).exists() for f in _RUN_FILES)):
-        raise ConfigError(f"out-dir must be a new directory or hold no run files, got '{run_dir}'")
-    progress("setup", {"stage": "prepare"})
-    job = prepare(cfg, audit=audit_plan(cfg))  # the ServerApp is a composition root: it builds the audit plan
+    again = None
+    if settings.resume:  # the checks and the rebuilt job of `dpfed train --resume` (dpfed.session.reopen)
+        progress("setup", {"stage": "reopen"})
+        again = reopen(run_dir, progress=progress, audit=audit_plan)
+        job, cfg = again.job, again.job.cfg
+        check_supported(cfg)
+        if 0 < settings.stop_after < again.first:
+            raise ConfigError(f"stop-after must be 0 or >= the first round to run ({again.first}), "
+                              f"got {settings.stop_after}")
+    else:
+        cfg = settings.run_config()
+        check_supported(cfg)
+        if run_dir.exists() and (not run_dir.is_dir() or any((run_dir / f).exists() for f in _RUN_FILES)):
+            raise ConfigError(f"out-dir must be a new directory or hold no run files, got '{run_dir}'")
+        progress("setup", {"stage": "prepare"})
+        job = prepare(cfg, audit=audit_plan(cfg))  # the ServerApp is a composition root: it builds the audit plan
     frozen = job.method.frozen_state()
     label_names = tuple(job.splits.test.label_names)
     global_state = trainable_state(job.model)
@@ -79,14 +93,20 @@ def serve(grid: Grid, settings: ServerSettings, *, progress=_noop) -> dict[str, 
                              client_fraction=cfg.train.client_fraction, min_sites=settings.min_sites, dp=job.dp)
     meet = _Handshake(grid, strategy, cfg=cfg, split_seed=job.split_seed, label_names=label_names, frozen=frozen,
                       timeout=settings.round_timeout)
-    expected = settings.sites or cfg.data.num_clients
+    expected = settings.sites or (len(again.site_sizes) if again is not None else cfg.data.num_clients)
     progress("setup", {"stage": "sites", "expected": expected})
     _wait_for_nodes(grid, expected, settings.wait_timeout)
     meet.new_nodes()
     if len(strategy.roster) < settings.min_sites:
         raise ConfigError(f"min-sites must be <= the sites that joined within {settings.wait_timeout:g} s "
                           f"({len(strategy.roster)}: {meet.refusals or 'no refusals'}), got {settings.min_sites}")
-    sizes = [s.num_examples for s in strategy.sites()]
+    joined = {s.site_id: s.num_examples for s in strategy.sites()}
+    if again is not None:  # σ and the sample rates were planned for these sites: the same ones must come back
+        if joined != again.site_sizes:
+            raise ConfigError(f"sites must be the ones the run started with (site-id: records) to resume, got "
+                              f"{joined} instead of {again.site_sizes}")
+        return _run(job, run_dir, grid, strategy, meet, settings, global_state, progress, again=again)
+    sizes = list(joined.values())
     if job.dp and cfg.privacy.noise_multiplier is None and sorted(sizes) != sorted(len(s) for s in job.shards):
         from dpfed.runner import calibrate
 
@@ -263,12 +283,22 @@ class FlowerSites:
 
 
 def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handshake, settings: ServerSettings,
-         global_state, progress) -> dict[str, Any]:
-    """The session's round loop (``dpfed.session``) with the sites behind the grid."""
+         global_state, progress, again=None) -> dict[str, Any]:
+    """The session's round loop (``dpfed.session``) with the sites behind the grid; ``again``: a reopened run."""
     from accounting.ledger import Ledger
     from dpfed.rundir import LEDGER, SERVER_LEDGER
     from dpfed.session import start, train_rounds
 
+    if again is not None:
+        ledger, server_ledger = again.ledger, again.server_ledger
+        sites = FlowerSites(job, grid=grid, strategy=strategy, meet=meet, settings=settings, ledger=ledger,
+                            run_dir=run_dir)
+        log.info("resuming %s at round %d", run_dir, again.first)
+        return train_rounds(job, run_dir, transport=sites, ledger=ledger, server_ledger=server_ledger,
+                            global_state=global_state, start_round=again.first, seed=job.seed, eval0=again.eval0,
+                            init_info=job.init_info, progress=progress, keep_rounds=True,
+                            resumed={"from_round": again.first - 1, "ledger_records": len(ledger)},
+                            stop_after=settings.stop_after)
     run_dir.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(run_dir / LEDGER)
     # client-level DP (DP-FedAvg): the server clips, adds the noise and keeps the server ledger, as in process
@@ -279,7 +309,7 @@ def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handsha
                                      transport=sites)
     return train_rounds(job, run_dir, transport=sites, ledger=ledger, server_ledger=server_ledger, global_state=state0,
                         start_round=1, seed=job.seed, eval0=eval0, init_info=init_info, progress=progress, resumed=None,
-                        keep_rounds=True)
+                        keep_rounds=True, stop_after=settings.stop_after)
 
 
 def _outcome_lists(out) -> dict[str, Any]:

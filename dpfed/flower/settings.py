@@ -45,9 +45,12 @@ RUN_KEYS = {
     "rounds": "override train.rounds (0 = keep the config's)",
     "epsilon": "override privacy.epsilon (0 = keep the config's)",
     "seed": "override the run seed (-1 = keep the config's)",
+    "resume": "continue the run in out-dir from its last checkpoint (the sites keep their ledgers)",
+    "stop-after": "end this session after this round, leaving the run resumable (0 = run every round)",
 }
 RUN_DEFAULTS = {"config": "", "out-dir": "", "sites": 0, "min-sites": 1, "round-timeout": 600.0,
-                "wait-timeout": 120.0, "rounds": 0, "epsilon": 0.0, "seed": -1}
+                "wait-timeout": 120.0, "rounds": 0, "epsilon": 0.0, "seed": -1,
+                "resume": False, "stop-after": 0}
 
 
 def _int(key: str, value: Any, minimum: int) -> int:
@@ -60,6 +63,16 @@ def _pos(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{key} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def _epsilon(value: Any) -> float:
+    """A site's own budget: finite, > 0 and within the range dpfed plans and trains for (as on the CLI)."""
+    from accounting.planning import epsilon_range_problem
+
+    eps = _pos("epsilon", value)
+    if (problem := epsilon_range_problem(eps)) is not None:
+        raise ConfigError(f"epsilon {problem}, got {eps!r}")
+    return eps
 
 
 def _str(key: str, value: Any) -> str:
@@ -123,7 +136,7 @@ class SiteSettings:
         return cls(
             site_id=site_id, ledger=ledger if ledger.is_absolute() else base / ledger,
             partition_id=pid, num_partitions=num, data_path=data_path,
-            epsilon=_pos("epsilon", node["epsilon"]) if "epsilon" in node else None,
+            epsilon=_epsilon(node["epsilon"]) if "epsilon" in node else None,
             delta=None if delta is None else float(delta),
             seed=_int("seed", node["seed"], 0) if "seed" in node else None,
             noise_multiplier=_pos("noise-multiplier", node["noise-multiplier"]) if "noise-multiplier" in node else None,
@@ -156,6 +169,8 @@ class ServerSettings:
     rounds: int
     epsilon: float
     seed: int
+    resume: bool = False
+    stop_after: int = 0
 
     @classmethod
     def from_run_config(cls, run: Mapping[str, Any]) -> ServerSettings:
@@ -170,6 +185,17 @@ class ServerSettings:
         epsilon = run["epsilon"]
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0:
             raise ConfigError(f"epsilon must be a finite number >= 0 (0 keeps the config's), got {epsilon!r}")
+        if epsilon > 0:
+            _epsilon(epsilon)
+        resume = run["resume"]
+        if not isinstance(resume, bool):
+            raise ConfigError(f"resume must be true or false, got {resume!r}")
+        if resume and not out.strip():
+            raise ConfigError("out-dir must name the run directory to continue when resume is true, got ''")
+        if resume and any(run[k] != RUN_DEFAULTS[k] for k in ("config", "rounds", "epsilon", "seed")):
+            changed = next(k for k in ("config", "rounds", "epsilon", "seed") if run[k] != RUN_DEFAULTS[k])
+            raise ConfigError(f"{changed} must be left unset when resume is true (the run continues with the "
+                              f"config.yaml in out-dir), got {run[changed]!r}")
         path = Path(config.strip()).expanduser() if config.strip() else default_config_path()
         if path is not None and not path.is_absolute() and not path.exists():
             bundled = Path(__file__).resolve().parents[2] / path  # e.g. configs/demo.yaml inside the app bundle
@@ -184,6 +210,8 @@ class ServerSettings:
             rounds=_int("rounds", run["rounds"], 0),
             epsilon=float(epsilon),
             seed=_int("seed", run["seed"], -1),
+            resume=resume,
+            stop_after=_int("stop-after", run["stop-after"], 0),
         )
 
     def run_config(self) -> RunConfig:

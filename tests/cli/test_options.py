@@ -152,7 +152,7 @@ def _params() -> dict[str, dict[str, object]]:
 
 # the options a command declares itself, on purpose: a different type, default or set of values
 OWN = {("compare", "--epsilon"), ("compare", "--seed"), ("compare", "--no-dp"), ("compare", "--config"),
-       ("compare", "--out"), ("flower-local", "--init")}
+       ("compare", "--out"), ("flower-local", "--init"), ("flower-local", "--resume")}
 
 
 def test_a_shared_option_reads_the_same_in_every_command():

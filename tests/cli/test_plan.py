@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 import time
@@ -237,3 +238,31 @@ def test_init_rate_errors(cli, extra, message):
     code, _, err = cli("plan", "--noise-multiplier", "1", "--delta", "1e-5", "--sample-rate", "0.01",
                        "--steps", "10", *extra)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("init_dp", [False, True])
+def test_plan_and_training_calibrate_the_same_sigma(cli, init_dp):
+    """One calibration: ``dpfed plan`` prints the σ ``dpfed train`` uses for the same sites and schedule,
+    and that σ is the smallest on the 3-digit grid whose worst site stays within ε (checked independently)."""
+    from dpfed import config as cfgmod
+    from dpfed.setup import calibrate
+
+    sizes = [400, 900, 650]
+    over = {"train.batch_size": 50, "train.rounds": 4, "train.local_steps": 3, "privacy.epsilon": 2.0,
+            "privacy.delta": 1e-5}
+    args = ["--epsilon", "2", "--delta", "1e-5", "--batch-size", "50", "--dataset-sizes", "400,900,650",
+            "--rounds", "4", "--local-steps", "3"]
+    if init_dp:
+        over.update({"init.strategy": "dp", "init.dp_noise_multiplier": 3.0, "init.dp_batch_size": 200})
+        args += ["--init-noise-multiplier", "3", "--init-batch-size", "200"]
+    cfg = cfgmod.override(cfgmod.RunConfig(), **over)
+    sigma = calibrate(cfg, sizes)
+    assert run_json(cli, *args)["noise_multiplier"] == sigma
+
+    def worst(s):
+        return max(prv.epsilon([pg(s, sample_rate(50, n), 12)]
+                               + ([pg(3.0, sample_rate(200, n), 1)] if init_dp else []), delta=1e-5).upper
+                   for n in sizes)
+
+    step = 10.0 ** (math.floor(math.log10(sigma)) - 2)  # the 3-significant-digit grid
+    assert worst(sigma) <= 2.0 < worst(round(sigma - step, 6))

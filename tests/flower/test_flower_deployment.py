@@ -47,13 +47,17 @@ def _nodes(out: Path, sites: int, **extra) -> list[dict]:
              "epsilon": 3.0, "delta": 1e-4, "seed": 0, **extra} for i in range(sites)]
 
 
-def _deploy(out: Path, cfg_path: Path, *, sites: int = 3, app_dir: Path | None = None, round_timeout: float = 300.0,
-            during=None, timeout: float = 600.0) -> str:
-    """Run the app on a fresh loopback deployment; return the final status; assert nothing is left running."""
-    work = out / "flower"
+def _deploy(out: Path, cfg_path: Path | None, *, sites: int = 3, app_dir: Path | None = None,
+            round_timeout: float = 300.0, during=None, timeout: float = 600.0, server: dict | None = None,
+            work_name: str = "flower") -> str:
+    """Run the app on a fresh loopback deployment; return the final status; assert nothing is left running.
+
+    ``server``: more run-config keys (``stop-after``, ``resume``); ``cfg_path`` None with ``resume``."""
+    work = out / work_name
     work.mkdir(parents=True)
-    run_config = write_toml(work / "run-config.toml", {"config": str(cfg_path), "out-dir": str(out), "sites": sites,
-                                                       "min-sites": 1, "round-timeout": round_timeout})
+    run_config = write_toml(work / "run-config.toml", {**({"config": str(cfg_path)} if cfg_path else {}),
+                                                       "out-dir": str(out), "sites": sites, "min-sites": 1,
+                                                       "round-timeout": round_timeout, **(server or {})})
     seen: set[int] = set()
     with LocalDeployment(work, node_configs=_nodes(out, sites), env=ENV) as dep:
         run_id = dep.submit(app_dir or shim_app(work / "app"), run_config)
@@ -153,6 +157,44 @@ def test_flower_run_equals_in_process_run(flower_cfg_path, tmp_path, feature):
         assert _records(Ledger(out / "server_ledger.jsonl"), "all-clients") == _records(
             Ledger(ref / "server_ledger.jsonl"), "all-clients")
         assert summary["client_level"]["epsilon"] == pytest.approx(expected["client_level"]["epsilon"], rel=1e-12)
+
+
+@pytest.mark.slow  # two deployments; CI runs it (make test-slow)
+def test_flower_resume_equals_an_uninterrupted_in_process_run(flower_cfg_path, tmp_path):
+    """A server session ends after round 1 (``stop-after``); a new deployment (new SuperLink and SuperNodes,
+    the sites' ledgers kept) resumes from the server's checkpoint: round 2's global R, the ledgers and ε equal
+    those of ``dpfed train`` run straight through with the same seed."""
+    from safetensors.torch import load_file
+
+    from dpfed import config as cfgmod
+    from dpfed.runner import load_checkpoint, prepare, run
+
+    out = tmp_path / "flower-run"
+    assert _deploy(out, flower_cfg_path, app_dir=REPO, server={"stop-after": 1}) == "finished:completed"
+    assert not (out / "summary.json").exists() and json.loads((out / "checkpoint.json").read_text())["round"] == 1
+    assert _deploy(out, None, app_dir=REPO, server={"resume": True}, work_name="flower-resume") == "finished:completed"
+    ref = tmp_path / "in-process"
+    after_round = {}
+
+    def progress(kind, info):
+        if kind == "round":
+            after_round[info["round"]] = load_checkpoint(ref)[1]
+
+    expected = run(prepare(cfgmod.load(flower_cfg_path)), ref, progress=progress)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["resumed"]["from_round"] == 1
+    for rnd in (1, 2):
+        got = load_file(str(out / "rounds" / f"round-{rnd:03d}.safetensors"))
+        for k, want in after_round[rnd].items():
+            torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)
+    in_process, reported = Ledger(ref / "ledger.jsonl"), Ledger(out / "ledger.jsonl")
+    for i in range(3):
+        cid = f"client-{i:03d}"
+        site = Ledger(out / "sites" / cid / "ledger.jsonl")
+        assert _records(site, cid) == _records(in_process, cid) == _records(reported, cid)
+        assert [r for r, _ in _records(site, cid)] == [1, 2]
+    assert summary["epsilon_per_client"] == pytest.approx(expected["epsilon_per_client"], rel=1e-12)
+    assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 @pytest.mark.slow  # fault tolerance and the CLI around a deployment: CI runs them (make test-slow)

@@ -239,6 +239,13 @@ def test_node_config_errors_name_key_rule_and_value(node, match, tmp_path):
         SiteSettings.from_node_config(node, base_dir=tmp_path)
 
 
+def test_site_epsilon_is_bounded_like_the_cli(tmp_path):
+    from dpfed.flower.settings import SiteSettings
+
+    with pytest.raises(ConfigError, match=r"epsilon must be <= 100 .*got 1000.0"):
+        SiteSettings.from_node_config({"partition-id": 0, "num-partitions": 3, "epsilon": 1000.0}, base_dir=tmp_path)
+
+
 def test_node_config_defaults(tmp_path):
     from dpfed.flower.settings import SiteSettings
 
@@ -254,6 +261,12 @@ def test_node_config_defaults(tmp_path):
     ({"epsilon": -1.0}, "epsilon must be a finite number >= 0"),
     ({"rounds": 1.5}, "rounds must be an integer >= 0, got 1.5"),
     ({"speed": 1}, "unknown key 'speed'"),
+    ({"epsilon": 500.0}, "epsilon must be <= 100"),
+    ({"resume": 1}, "resume must be true or false, got 1"),
+    ({"resume": True}, "out-dir must name the run directory to continue when resume is true"),
+    ({"resume": True, "out-dir": "r", "config": "x.yaml"}, "config must be left unset when resume is true"),
+    ({"resume": True, "out-dir": "r", "rounds": 4}, "rounds must be left unset when resume is true"),
+    ({"stop-after": -1}, "stop-after must be an integer >= 0, got -1"),
 ])
 def test_run_config_errors(run, match):
     from dpfed.flower.settings import ServerSettings
@@ -327,6 +340,19 @@ def test_cli_bad_input_is_one_line_exit_2(argv, match, run_cli, tmp_path):
     code, out, err = run_cli(["flower-local", "--out", str(tmp_path / "o"), *argv])
     assert code == 2
     assert re.search(match, err) and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_resume_errors_are_one_line_exit_2(run_cli, tmp_path):
+    (tmp_path / "half").mkdir()
+    cases = [
+        (["--resume", str(tmp_path / "half"), "--epsilon", "2"], "error: --resume continues the run with its own "
+                                                                   "config.yaml: --epsilon must not be given with it"),
+        (["--resume", str(tmp_path / "half")], "error: --resume must name a flower-local run directory with "
+                                               "config.yaml and run.json"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_cli(["flower-local", *argv])
+        assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1, err
 
 
 def test_cli_refuses_a_non_empty_out(run_cli, tmp_path):
