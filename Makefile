@@ -42,8 +42,10 @@ demo: install
 demo-llm: install-llm
 	$(VENV)/bin/dpfed train --config configs/demo-llm.yaml --epsilon 3
 
+# two pytest workers (pytest-xdist), one torch thread each: the suite waits on subprocesses (CLI runs,
+# Flower deployments) as much as it computes; a file's tests stay on one worker (module fixtures built once)
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # slow: fault-tolerance deployments, long resume runs; CI runs them after `make test`
 test-slow: install

@@ -14,6 +14,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DPFED_CACHE", "off")  # tests never fill ~/.cache/dpfed; the cache's own tests name a folder
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each,
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # for this process and the processes it starts
+
+    import torch
+
+    torch.set_num_threads(1)
 
 WORDS = ("good great fine bad awful poor movie film plot actor story boring fun dull superb "
          "weak strong the a is was and but not very").split()

@@ -91,7 +91,9 @@ FEATURES = {  # one equivalence deployment per feature
 }
 
 
-@pytest.mark.parametrize("feature", sorted(FEATURES))
+# `both` (record-level DP-SGD on the sites, DP-FedAvg on the server) runs in `make test`; the other four
+# deployments (about 1.5 min each) run in `make test-slow`, which CI runs after it
+@pytest.mark.parametrize("feature", [f if f == "both" else pytest.param(f, marks=pytest.mark.slow) for f in sorted(FEATURES)])
 def test_flower_run_equals_in_process_run(flower_cfg_path, tmp_path, feature):
     """Same seed, partition and config: the same global R after each round and the same ledgers.
 
