@@ -14,6 +14,12 @@ Events:
 - :class:`FixedSizeGaussianEvent`: ``count`` steps on a batch of fixed size ``b``
   drawn without replacement from ``n`` units (``sample_rate = b / n``). Accounted by
   the conservative reduction in :func:`dominating_event`.
+- :class:`PoissonSkellamEvent`: ``count`` releases of the Poisson-subsampled
+  multidimensional Skellam mechanism (distributed DP with secure aggregation): ``mu`` is
+  the Skellam variance per coordinate of the released integer sum, ``l2_sensitivity`` and
+  ``l1_sensitivity`` one unit's largest contribution to it (integer units). It has no
+  noise multiplier and no PRV: :func:`accounting.prv.epsilon` composes it with the RDP
+  bound of :mod:`accounting.skellam`.
 """
 
 from __future__ import annotations
@@ -115,19 +121,62 @@ class FixedSizeGaussianEvent:
         object.__setattr__(self, "unit", _check_unit(self.unit))
 
 
-Event = Union[PoissonGaussianEvent, GaussianEvent, FixedSizeGaussianEvent]
-EVENT_TYPES = (PoissonGaussianEvent, GaussianEvent, FixedSizeGaussianEvent)
+def _check_positive(value: Any, name: str, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise AccountingInputError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value <= minimum:
+        raise AccountingInputError(f"{name} must be finite and > {minimum:g}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoissonSkellamEvent:
+    """``count`` releases of the Poisson-subsampled multidimensional Skellam mechanism (:mod:`accounting.skellam`).
+
+    ``mu``: Skellam variance per coordinate of the noise in the released integer sum;
+    ``l2_sensitivity`` (>= 1) and ``l1_sensitivity`` (>= l2): norms of one unit's largest
+    contribution to that sum, integer units; ``sample_rate``: the unit's own Poisson rate.
+    """
+
+    mu: float
+    l2_sensitivity: float
+    l1_sensitivity: float
+    sample_rate: float
+    count: int
+    unit: str = "record"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mu", _check_positive(self.mu, "mu"))
+        l2 = _check_positive(self.l2_sensitivity, "l2_sensitivity")
+        if l2 < 1.0:
+            raise AccountingInputError(f"l2_sensitivity must be >= 1 (integer units), got {l2!r}")
+        l1 = _check_positive(self.l1_sensitivity, "l1_sensitivity")
+        if l1 < l2:
+            raise AccountingInputError(f"l1_sensitivity must be >= l2_sensitivity ({l2!r}), got {l1!r}")
+        object.__setattr__(self, "l2_sensitivity", l2)
+        object.__setattr__(self, "l1_sensitivity", l1)
+        object.__setattr__(self, "sample_rate", _check_sample_rate(self.sample_rate))
+        object.__setattr__(self, "count", _check_count(self.count))
+        object.__setattr__(self, "unit", _check_unit(self.unit))
+
+
+Event = Union[PoissonGaussianEvent, GaussianEvent, FixedSizeGaussianEvent, PoissonSkellamEvent]
+EVENT_TYPES = (PoissonGaussianEvent, GaussianEvent, FixedSizeGaussianEvent, PoissonSkellamEvent)
+GAUSSIAN_TYPES = (PoissonGaussianEvent, GaussianEvent, FixedSizeGaussianEvent)
 
 _TYPE_NAMES: dict[type, str] = {
     PoissonGaussianEvent: "poisson_gaussian",
     GaussianEvent: "gaussian",
     FixedSizeGaussianEvent: "fixed_size_gaussian",
+    PoissonSkellamEvent: "poisson_skellam",
 }
 _CLASSES = {name: cls for cls, name in _TYPE_NAMES.items()}
 _FIELDS = {
     "poisson_gaussian": ("noise_multiplier", "sample_rate", "count", "unit"),
     "gaussian": ("noise_multiplier", "count", "unit"),
     "fixed_size_gaussian": ("noise_multiplier", "sample_rate", "count", "unit"),
+    "poisson_skellam": ("mu", "l2_sensitivity", "l1_sensitivity", "sample_rate", "count", "unit"),
 }
 
 
@@ -135,7 +184,7 @@ def check_event(event: Any, *, name: str = "event") -> Event:
     """Return ``event`` if it is one of the event classes, else raise AccountingInputError."""
     if not isinstance(event, EVENT_TYPES):
         raise AccountingInputError(
-            f"{name} must be a PoissonGaussianEvent, GaussianEvent or FixedSizeGaussianEvent, "
+            f"{name} must be a PoissonGaussianEvent, GaussianEvent, FixedSizeGaussianEvent or PoissonSkellamEvent, "
             f"got {type(event).__name__}"
         )
     return event
@@ -198,6 +247,9 @@ def dominating_event(event: Event) -> PoissonGaussianEvent | GaussianEvent:
     not mix with add/remove events.
     """
     check_event(event)
+    if isinstance(event, PoissonSkellamEvent):
+        raise AccountingInputError("a PoissonSkellamEvent has no Gaussian equivalent: compose it with "
+                                   "accounting.skellam.composed_epsilon (accounting.prv.epsilon dispatches to it)")
     if isinstance(event, FixedSizeGaussianEvent):
         return PoissonGaussianEvent(
             noise_multiplier=event.noise_multiplier / 2.0,

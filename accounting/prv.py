@@ -18,6 +18,10 @@ Choices made here:
   prv-accountant's long-double FFT is up to 20x slower on sizes with large prime factors.
 - Fixed-size (without replacement) events are accounted through the conservative
   reduction of :func:`accounting.events.dominating_event`.
+- Events of the Skellam mechanism (distributed DP with secure aggregation) have no PRV
+  here: a composition holding any is bounded by RDP instead
+  (:func:`accounting.skellam.composed_epsilon`, Gaussian events included), returned as
+  ``(0, bound, bound)``. The bracket's upper end stays an upper bound.
 - If the library fails numerically (it raises for some extreme parameters), we log a
   warning and return the RDP bound as ``estimate`` and ``upper`` with ``lower = 0``.
 
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 
 from accounting import rdp
 from accounting.errors import AccountingInputError
-from accounting.events import Event, mechanism_counts, privacy_unit
+from accounting.events import Event, PoissonSkellamEvent, mechanism_counts, privacy_unit
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +217,11 @@ def epsilon(events: Sequence[Event], *, delta: float, eps_error: float | None = 
 
 def _epsilon_with_error(events: list[Event], *, delta: float, eps_error: float | None) -> tuple[EpsilonBound, float]:
     """Like :func:`epsilon` (validated inputs, non-empty) but also return the eps_error used."""
+    if any(isinstance(e, PoissonSkellamEvent) for e in events):  # no PRV for it: the RDP bound, eps_error 0
+        from accounting.skellam import composed_epsilon  # scipy only; prv stays cheap to import
+
+        value = composed_epsilon(events, delta=delta)
+        return EpsilonBound(lower=0.0, estimate=value, upper=value), 0.0
     if eps_error is None:
         eps_error = default_eps_error(rdp.epsilon(events, delta=delta))
     mechanisms = tuple(mechanism_counts(events))

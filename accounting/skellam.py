@@ -65,7 +65,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special
 
+from accounting import rdp as gaussian_rdp
 from accounting.errors import AccountingError, AccountingInputError
+from accounting.events import GAUSSIAN_TYPES, PoissonSkellamEvent, check_event, privacy_unit
 from accounting.rdp import check_delta, epsilon_from_rdp
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,9 @@ __all__ = [
     "PoissonSkellam",
     "calibrate_mu",
     "colluding_server_epsilon",
+    "composed_epsilon",
     "epsilon",
+    "from_event",
     "poisson_subsampled_rdp",
     "rdp_curve",
     "site_mu",
@@ -245,6 +249,36 @@ def epsilon(mechanisms: Sequence[PoissonSkellam], *, delta: float, orders: np.nd
     if not mechanisms:
         return 0.0
     value, _ = epsilon_from_rdp(orders=orders, rdp=rdp_curve(mechanisms, orders=orders), delta=delta)
+    return value
+
+
+def from_event(event: PoissonSkellamEvent) -> PoissonSkellam:
+    """The mechanism record of a ledger event (:class:`accounting.events.PoissonSkellamEvent`)."""
+    return PoissonSkellam(mu=event.mu, l2_sensitivity=event.l2_sensitivity, l1_sensitivity=event.l1_sensitivity,
+                          sample_rate=event.sample_rate, steps=event.count)
+
+
+def composed_epsilon(events: Sequence[object], *, delta: float, orders: np.ndarray = ORDERS) -> float:
+    """RDP upper bound on epsilon for ledger events that include Skellam releases (0 if empty).
+
+    Skellam events: :func:`rdp_curve`; Gaussian events (a DP initialisation, or a run that
+    mixes both kinds): :func:`accounting.rdp.rdp_curve` (Mironov, Talwar, Zhang 2019) at the
+    same integer orders. RDP adds under composition (Mironov 2017, arXiv 1702.07476, Prop. 1),
+    so the sum is an upper bound for the mixture; converted with Canonne, Kamath, Steinke
+    2020 (arXiv 2004.00010v4), Prop. 12. Events must share one privacy unit.
+    """
+    delta = check_delta(delta)
+    events = list(events)
+    privacy_unit(events)
+    if not events:
+        return 0.0
+    orders = _check_orders(orders)
+    skellam = [from_event(e) for e in events if isinstance(e, PoissonSkellamEvent)]
+    gaussian = [check_event(e) for e in events if isinstance(e, GAUSSIAN_TYPES)]
+    curve = rdp_curve(skellam, orders=orders) if skellam else np.zeros_like(orders)
+    if gaussian:
+        curve = curve + gaussian_rdp.rdp_curve(gaussian, orders=orders)
+    value, _ = epsilon_from_rdp(orders=orders, rdp=curve, delta=delta)
     return value
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from accounting.events import PoissonGaussianEvent
+from accounting.events import PoissonGaussianEvent, PoissonSkellamEvent
 from dpfed.adapters.lorasb import load_trainable_state, trainable_state
+from dpfed.secure_encoding import SecureEncoding, encode_site_sum, flatten_per_example, noise_share, site_message
 from dpfed.data import TokenizedShard
 from dpfed.errors import BudgetError, PrivacyCheckError
 from dpfed.release import write_site_local
@@ -25,6 +26,7 @@ from dpfed.privacy import (
     DPSGDParams,
     FixedGradientRecords,
     apply_gradients,
+    clip_factors,
     clipped_sum,
     noised_mean,
     per_example_loss,
@@ -71,6 +73,19 @@ class ClientResult:
     steps: int
 
 
+@dataclass(frozen=True)
+class SiteMessage:
+    """What a site hands to secure aggregation in a round of ``privacy.aggregation: secure`` (``dpfed.release``,
+    channel ``site_reply``): its masked-to-be integer message and public fields. Only secure aggregation
+    reads ``message``; the server sees the sum of the messages (:class:`dpfed.session.SecureSum`)."""
+
+    client_id: str
+    round: int
+    message: torch.Tensor  # (padded_dim,) int64 in [0, 2**bits)
+    num_examples: int
+    events: tuple
+
+
 class Client:
     """A site holding one private shard. ``dp=None`` means no privacy (comparison runs only)."""
 
@@ -79,7 +94,7 @@ class Client:
                  noise_generator: torch.Generator | None, ledger=None, budget: Budget | None = None,
                  device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
                  noise_enabled: bool = True, fixed: FixedGradientRecords | None = None,
-                 diagnostics: Path | None = None) -> None:
+                 diagnostics: Path | None = None, secure: SecureEncoding | None = None) -> None:
         if len(shard) == 0:
             from dpfed.errors import DataError
 
@@ -100,6 +115,8 @@ class Client:
         self._checked_change = False
         # the site's own, un-noised diagnostics (loss, sample count): a mode-0600 file, never released
         self.diagnostics = diagnostics
+        # distributed DP (privacy.aggregation secure): the public encoding; rounds go through secure_message
+        self.secure = secure
 
     @property
     def num_examples(self) -> int:
@@ -114,6 +131,10 @@ class Client:
         """The privacy events one round of local training spends (empty without DP)."""
         if self.dp is None:
             return ()
+        if self.secure is not None:  # one Skellam release per round, against everyone who sees only the sum
+            sens = self.secure.sensitivity
+            return (PoissonSkellamEvent(mu=self.secure.mu_total, l2_sensitivity=sens.l2, l1_sensitivity=sens.l1,
+                                        sample_rate=self.sample_rate, count=1),)
         return (PoissonGaussianEvent(noise_multiplier=self.dp.noise_multiplier, sample_rate=self.sample_rate,
                                      count=self.training.local_steps),)
 
@@ -209,6 +230,46 @@ class Client:
             write_site_local(self.diagnostics, {"round": round, "client": self.client_id, "mean_loss": mean_loss,
                                                 "sampled": sampled, "steps": t.local_steps})
         return ClientResult(self.client_id, round, trainable_state(model), self.num_examples, events, t.local_steps)
+
+    def secure_message(self, model: nn.Module, global_state: dict[str, torch.Tensor], *, round: int,
+                       rounding_generator: torch.Generator, noise_generator: torch.Generator) -> SiteMessage:
+        """One FedSGD step's share for secure aggregation: the only value this site releases in the round.
+
+        Poisson sample at q = b / n; each sampled record's gradient of every trainable parameter
+        (R and head, jointly) clipped to C; each record rotated, scaled and conditionally rounded
+        on its own (:mod:`dpfed.secure_encoding`); the integer vectors summed; this site's
+        Skellam share ``Sk(mu_total / min_sites)`` added; reduced modulo ``2**bits``. The event
+        (``mu_total``: what everyone who sees only the sum faces) is fsynced to the ledger before
+        the message is returned. Without ``noise_enabled`` (the noise-free twin) no share is added.
+        """
+        enc = self.secure
+        if enc is None or self.dp is None:
+            raise PrivacyCheckError(f"client {self.client_id}: secure_message needs a secure encoding and DP")
+        if self.fixed is not None:
+            raise PrivacyCheckError("fixed-gradient audit records are not implemented with secure aggregation")
+        self.check_budget()
+        load_trainable_state(model, global_state)
+        idx = poisson_sample(self.num_examples, self.sample_rate, generator=self.sample_generator)
+        rows, losses = [], []
+        for batch in self._batches(idx):
+            grads, loss = per_sample_gradients(model, batch, task=self.training.task, autocast_dtype=self.autocast_dtype)
+            flat = flatten_per_example(grads)  # (B, dim) float64, names sorted
+            rows.append(flat * clip_factors(flat.norm(dim=1), clip=self.dp.clip).unsqueeze(1))  # each row norm <= C
+            losses.append(loss.float().cpu())
+        per_example = torch.cat(rows) if rows else torch.zeros((0, enc.dim), dtype=torch.float64)
+        int_sum = encode_site_sum(per_example, encoding=enc, generator=rounding_generator)  # (d,) int64
+        noise = (noise_share(encoding=enc, generator=noise_generator) if self.noise_enabled
+                 else torch.zeros(enc.padded_dim, dtype=torch.int64))
+        message = site_message(int_sum, noise, encoding=enc)
+        events = self.round_events()
+        if self.ledger is not None:
+            for ev in events:  # write-ahead: fsynced before the message leaves this method
+                self.ledger.append(client=self.client_id, round=round, event=ev)
+        if self.diagnostics is not None:
+            write_site_local(self.diagnostics, {"round": round, "client": self.client_id,
+                                                "mean_loss": float(torch.cat(losses).mean()) if losses else None,
+                                                "sampled": len(idx), "steps": 1})
+        return SiteMessage(self.client_id, round, message, self.num_examples, events)
 
     def _batches(self, idx: torch.Tensor, microbatch: int | None = None):
         mb = microbatch or self.training.microbatch

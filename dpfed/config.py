@@ -287,6 +287,9 @@ class TrainConfig:
             _pos_int("eval_examples", self.eval_examples)
 
 
+AGGREGATIONS = ("local", "secure")
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     enabled: bool = True
@@ -299,8 +302,18 @@ class PrivacyConfig:
     client_noise_multiplier: float | None = field(default=None, metadata={"help": "client-level σ_c; calibrated from client_epsilon when unset"})
     client_epsilon: float | None = field(default=None, metadata={"help": "client-level ε budget (server ledger, PRV upper bound)"})
     client_delta: float | None = field(default=None, metadata={"help": "client-level δ; default: delta; must be < 1/num_clients"})
+    aggregation: str = field(default="local", metadata={
+        "help": "local (each site adds the full noise to its own update) | secure (distributed DP: one DP-SGD step "
+                "over all sites per round, each site adds a Skellam share, only the secure sum is seen)"})
+    min_sites: int | None = field(default=None, metadata={
+        "help": "secure: the noise is calibrated for at least this many surviving sites; a round with fewer is "
+                "discarded. Default: the sites chosen per round"})
 
     def __post_init__(self) -> None:
+        _check(self.aggregation in AGGREGATIONS,
+               f"privacy.aggregation must be one of {list(AGGREGATIONS)}, got {self.aggregation!r}")
+        if self.min_sites is not None:
+            _pos_int("privacy.min_sites", self.min_sites)
         if self.enabled:
             _epsilon("epsilon", self.epsilon)
             _check(isinstance(self.delta, (int, float)) and 0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta!r}")
@@ -387,6 +400,39 @@ class RunConfig:
                "init 'dp' releases each site's noised gradient sum, protected per record but not per client (one "
                "site's whole data moves it without a client-level bound): use init 'random' or 'public' with "
                f"privacy.unit {self.privacy.unit!r}")
+
+        if self.privacy.aggregation == "secure":
+            self._check_secure()
+
+    def sites_per_round(self) -> int:
+        """How many sites the server chooses each round (fixed-size selection)."""
+        return max(1, int(math.ceil(self.train.client_fraction * self.data.num_clients)))
+
+    def min_sites(self) -> int:
+        """``privacy.min_sites``, or the sites chosen per round."""
+        return self.privacy.min_sites if self.privacy.min_sites is not None else self.sites_per_round()
+
+    def _check_secure(self) -> None:
+        """What ``privacy.aggregation: secure`` (one FedSGD step per round, Skellam shares) implements."""
+        p, t = self.privacy, self.train
+        _check(p.enabled, "privacy.aggregation 'secure' adds distributed DP noise: it needs privacy.enabled true "
+               "(use aggregation 'local' with --no-dp for a non-private run), got privacy.enabled false")
+        _check(p.unit == "record", "privacy.aggregation 'secure' protects records (record-level DP against everyone "
+               f"who sees only the sum): it needs privacy.unit 'record', got {p.unit!r}")
+        _check(t.method == "fed-sb", "privacy.aggregation 'secure' sums one gradient of R and the head per site, which "
+               f"only Fed-SB's shared B, A make exact: it needs train.method 'fed-sb', got {t.method!r}")
+        _check(t.local_steps == 1, "train.local_steps must be 1 with privacy.aggregation 'secure' (one DP-SGD step over "
+               "all sites per round; several local steps per round are not compatible with this analysis), "
+               f"got {t.local_steps}")
+        _check(t.optimizer == "sgd" and t.momentum == 0.0, "privacy.aggregation 'secure' applies plain SGD on the "
+               f"server: it needs train.optimizer 'sgd' and train.momentum 0, got {t.optimizer!r}, {t.momentum!r}")
+        _check(self.init.strategy != "dp", "init 'dp' is not implemented with privacy.aggregation 'secure' yet, got "
+               "init.strategy 'dp'")
+        _check(not self.data.canaries and not self.data.canary_clients, "data.canaries (dpfed audit) are not "
+               f"implemented with privacy.aggregation 'secure' yet, got canaries={self.data.canaries}")
+        per_round = self.sites_per_round()
+        _check(self.min_sites() <= per_round, f"privacy.min_sites must be <= the sites chosen per round ({per_round}), "
+               f"got {self.min_sites()}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -92,6 +92,10 @@ METRICS = _table(
     Field("sites_refused", Basis.PUBLIC, "sites that refused the round (their budget: a function of public events)",
           NOT_CLIENT),
     Field("sites_failed", Basis.PUBLIC, "sites that did not answer in time (availability)", NOT_CLIENT),
+    Field("secure_sites", Basis.PUBLIC, "secure aggregation: how many site messages the sum holds (availability)",
+          NOT_CLIENT),
+    Field("round_discarded", Basis.PUBLIC, "secure aggregation: why the round's sum was not released (fewer than "
+          "min_sites messages: availability), or null", NOT_CLIENT),
     Field("train_loss", Basis.SITE_LOCAL, "un-noised loss of the sampled records: one outlier moves it without bound"),
     Field("client_update_norms", Basis.SITE_LOCAL, "raw norms of single sites' updates"),
 )
@@ -106,6 +110,9 @@ SITE_REPLY = _table(
     Field("events", Basis.PUBLIC, "the mechanisms' parameters (σ, q, count): public values"),
     Field("steps", Basis.PUBLIC, "the configured local steps"),
     Field("epsilon_spent", Basis.POST, _EPS),
+    Field("message", Basis.NOISED, "secure aggregation: the site's clipped, integer-encoded gradient sum plus its "
+          "Skellam share, modulo 2^bits (event in the site's ledger before it leaves); only secure aggregation "
+          "reads it, the server sees the sum of all messages"),
     Field("sampled", Basis.SITE_LOCAL, "the realised Poisson sample count"),
     Field("mean_loss", Basis.SITE_LOCAL, "un-noised loss of the sampled records"),
 )
@@ -138,6 +145,12 @@ SUMMARY = _table(*(
         Field("wall_seconds", Basis.TIMING, "wall time of training"),
         Field("setup_seconds", Basis.TIMING, "wall time of setup"),
         Field("flower", Basis.PUBLIC, "the Flower deployment: sites, timeouts, and the count of failed replies"),
+        Field("secure_aggregation", Basis.PUBLIC, "secure aggregation's public encoding (dimension, scale, bits, "
+              "rotation seed, sensitivities, μ, min_sites): from the configuration and the public record counts"),
+        Field("epsilon_colluding_server", Basis.POST, _EPS + ", with each site's own Skellam share alone "
+              "(μ / min_sites): the ε if secure aggregation were broken"),
+        Field("rounds_discarded", Basis.PUBLIC, "secure aggregation: rounds whose sum held fewer than min_sites "
+              "messages (availability) and was not released"),
     ]))
 
 CHECKPOINT = _table(

@@ -222,21 +222,28 @@ def build_summary(job: Job, *, eps_clients: dict[str, Any], sample_rates: dict[s
                   clients_per_round: int, rounds_done: int, stop_reason: str, resumed: dict[str, Any] | None,
                   eval0: dict[str, float], last_eval: dict[str, float], bytes_up: list[int], bytes_down: list[int],
                   agg_errors: list[float], trainable: int, t_start: float,
-                  client_level: dict[str, Any] | None = None, init_info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``summary.json`` of a finished run (the in-process runner and the Flower server write the same keys)."""
+                  client_level: dict[str, Any] | None = None, init_info: dict[str, Any] | None = None,
+                  secure: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``summary.json`` of a finished run (the in-process runner and the Flower server write the same keys).
+
+    ``secure``: with ``privacy.aggregation: secure``, the encoding and the colluding-server ε
+    (:func:`dpfed.session.secure_summary`); it adds the keys ``secure_aggregation`` and
+    ``epsilon_colluding_server``. Runs with local aggregation write exactly the keys they did before.
+    """
     return release("summary", _summary_fields(job, eps_clients=eps_clients, sample_rates=sample_rates,
                                               client_sizes=client_sizes, clients_per_round=clients_per_round,
                                               rounds_done=rounds_done, stop_reason=stop_reason, resumed=resumed,
                                               eval0=eval0, last_eval=last_eval, bytes_up=bytes_up,
                                               bytes_down=bytes_down, agg_errors=agg_errors, trainable=trainable,
                                               t_start=t_start, client_level=client_level,
-                                              init_info=job.init_info if init_info is None else init_info),
+                                              init_info=job.init_info if init_info is None else init_info,
+                                              secure=secure),
                    unit=unit_of(job.cfg))
 
 
 def _summary_fields(job: Job, *, eps_clients, sample_rates, client_sizes, clients_per_round, rounds_done, stop_reason,
                     resumed, eval0, last_eval, bytes_up, bytes_down, agg_errors, trainable, t_start,
-                    client_level, init_info) -> dict[str, Any]:
+                    client_level, init_info, secure=None) -> dict[str, Any]:
     cfg = job.cfg
     record_label = "record-level DP per client (local DP-SGD)"
     claims = cfg.privacy.enabled and job.noise_enabled
@@ -244,7 +251,7 @@ def _summary_fields(job: Job, *, eps_clients, sample_rates, client_sizes, client
                "none (noise-free twin of dpfed compare): no privacy guarantee" if not job.noise_enabled else
                {"record": record_label, "client": "client-level DP only (DP-FedAvg, trusted server)",
                 "both": record_label + " and, separately, client-level DP (DP-FedAvg, trusted server)"}[cfg.privacy.unit])
-    return {
+    fields = {
         "method": cfg.train.method,
         "privacy": privacy,
         "privacy_unit": cfg.privacy.unit if claims else None,
@@ -289,6 +296,13 @@ def _summary_fields(job: Job, *, eps_clients, sample_rates, client_sizes, client
         "seed": job.seed if job.seed_is_user else "os-entropy (not recorded)",
         "data_fingerprints": {"test": job.splits.test.fingerprint(), "public": job.splits.public.fingerprint()},
     }
+    if job.secure is not None:
+        if claims:
+            fields["privacy"] = ("record-level DP per client against everyone who sees only the secure sum "
+                                 "(distributed DP: Skellam shares, secure aggregation)")
+            fields["accountant"] = "rdp (Poisson-subsampled Skellam, upper bound)"
+        fields.update(secure or {})
+    return fields
 
 
 def append_metrics(path: Path, line: dict[str, Any]) -> None:
@@ -304,7 +318,7 @@ def write_budget(run_dir: Path, job: Job) -> None:
     if not (job.dp or job.client_dp) or not job.noise_enabled:
         return
     cfg = job.cfg
-    info: dict[str, Any] = {"accountant": "prv"}
+    info: dict[str, Any] = {"accountant": "prv"}  # secure aggregation: prv's epsilon dispatches Skellam events to RDP
     if job.dp:
         info.update(epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, privacy_unit="record")
     if job.client_dp:

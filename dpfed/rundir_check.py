@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accounting.events import Event
+from accounting.events import Event, PoissonSkellamEvent
 from accounting.ledger import GENESIS_HASH, Ledger
 from accounting.prv import epsilon as prv_epsilon
 from dpfed.errors import DataError, DpfedError
@@ -270,6 +270,36 @@ def _sigma(event: Event) -> float:
     return float(event.noise_multiplier)
 
 
+def _secure_params(run_info: dict[str, Any] | None, summary: dict[str, Any] | None) -> dict[str, float] | None:
+    """μ_total and the sensitivities of secure aggregation as run.json and summary.json record them (must agree)."""
+    found = [(file, _object(d.get("secure_aggregation"), f"{file} secure_aggregation"))
+             for file, d in ((RUN_JSON, run_info), (SUMMARY, summary)) if d is not None and d.get("secure_aggregation")]
+    if not found:
+        return None
+    keys = ("mu_total", "l2_sensitivity", "l1_sensitivity")
+    (file, first), *others = found
+    params = {k: _positive(first.get(k), f"{file} secure_aggregation.{k}") for k in keys}
+    for other_file, other in others:
+        for k in keys:
+            value = _positive(other.get(k), f"{other_file} secure_aggregation.{k}")
+            if not _close(value, params[k]):
+                raise LedgerCheckError(f"{other_file} secure_aggregation.{k} = {value!r} differs from {file}'s "
+                                       f"{params[k]!r}")
+    return params
+
+
+def _check_skellam(event: PoissonSkellamEvent, at: str, secure: dict[str, float] | None) -> None:
+    """A Skellam event's μ and sensitivities are the ones the run recorded (secure aggregation)."""
+    if secure is None:
+        raise LedgerCheckError(f"{at}: a Skellam (secure aggregation) event, but neither {RUN_JSON} nor {SUMMARY} "
+                               "records secure_aggregation")
+    for k in ("mu", "l2_sensitivity", "l1_sensitivity"):
+        want = secure["mu_total" if k == "mu" else k]
+        if not _close(getattr(event, k), want):
+            raise LedgerCheckError(f"{at}: {k} {getattr(event, k)!r} differs from secure_aggregation."
+                                   f"{'mu_total' if k == 'mu' else k} = {want!r}")
+
+
 def _check_record_events(ledger: Ledger, *, run_info: dict[str, Any] | None, summary: dict[str, Any] | None,
                          out: VerifiedLedgers) -> None:
     known, sigma, where = _record_sigma(run_info, summary)
@@ -283,10 +313,19 @@ def _check_record_events(ledger: Ledger, *, run_info: dict[str, Any] | None, sum
              for c, q in _object((summary or {}).get("sample_rates"), f"{SUMMARY} sample_rates").items()}
     sizes = {c: _positive(n, f"{SUMMARY} client_sizes[{c!r}]")
              for c, n in _object((summary or {}).get("client_sizes"), f"{SUMMARY} client_sizes").items()}
-    checked = 0
+    checked = skellam = 0
+    secure = _secure_params(run_info, summary)
     for record in ledger.records():
         at = f"{ledger.path}:{record.seq + 1}"
         event = record.event
+        if isinstance(event, PoissonSkellamEvent):  # secure aggregation: μ in place of σ
+            _check_skellam(event, at, secure)
+            skellam += 1
+            if record.client in rates and not _close(event.sample_rate, rates[record.client]):
+                raise LedgerCheckError(f"{at}: sample_rate {event.sample_rate!r} differs from {SUMMARY} "
+                                       f"sample_rates[{record.client!r}] = {rates[record.client]!r}")
+            checked += 1
+            continue
         if record.round == 0:
             if run_info is None:
                 continue
@@ -315,7 +354,8 @@ def _check_record_events(ledger: Ledger, *, run_info: dict[str, Any] | None, sum
                                    f"sample_rates[{record.client!r}] = {rates[record.client]!r}")
         checked += 1
     if checked:
-        out.checks.append(f"{ledger.path.name}: noise multipliers and sample rates of {checked} events match "
+        out.checks.append(f"{ledger.path.name}: noise multipliers{' (Skellam: μ and sensitivities)' if skellam else ''} "
+                          f"and sample rates of {checked} events match "
                           f"{', '.join(f for f, d in ((RUN_JSON, run_info), (SUMMARY, summary)) if d is not None)}")
 
 

@@ -97,6 +97,8 @@ __all__ = [
     "decode",
     "encode_records",
     "encode_site_sum",
+    "flatten_per_example",
+    "unflatten",
     "hadamard",
     "noise_bound",
     "noise_share",
@@ -397,6 +399,28 @@ class SecureEncoding:
         half = (1 << (self.bits - 1)) - 1
         return OverflowMargin(signal=signal, noise=noise, half_range=half, margin=half - signal - noise,
                               failure_probability=self.overflow_beta)
+
+
+# -- the flat layout every site and the server share -------------------------------------------
+def flatten_per_example(per_example: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Name → (B, *shape) per-example tensors as one (B, dim) float64 tensor, names in sorted order."""
+    names = sorted(per_example)
+    if not names:
+        raise ConfigError("per_example must hold at least one parameter")
+    b = per_example[names[0]].shape[0]
+    return torch.cat([per_example[n].detach().reshape(b, -1).to("cpu", torch.float64) for n in names], dim=1)
+
+
+def unflatten(flat: torch.Tensor, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`flatten_per_example` for one vector: (dim,) → name → shape, names in sorted order."""
+    out, start = {}, 0
+    for n in sorted(shapes):
+        size = math.prod(shapes[n])
+        out[n] = flat[start:start + size].reshape(shapes[n])
+        start += size
+    if start != flat.numel():
+        raise ConfigError(f"flat update must have {start} entries for these shapes, got {flat.numel()}")
+    return out
 
 
 # -- encoding ---------------------------------------------------------------------------------

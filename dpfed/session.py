@@ -10,6 +10,7 @@ holds them in this process; a distributed transport only has to deliver the same
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -20,21 +21,22 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from accounting.events import PoissonGaussianEvent
+from accounting.events import PoissonGaussianEvent, PoissonSkellamEvent
 from accounting.prv import epsilon as prv_epsilon
 from accounting.sampling import exact_rate, sample_rate
 from dpfed import config as config_mod
 from dpfed.adapters.init import factors_from_gradient, zero_factors
 from dpfed.adapters.lorasb import load_trainable_state, trainable_state
 from dpfed.aggregation import ClientLevelDP, FedSBAggregator
-from dpfed.client import ClientResult
-from dpfed.errors import BudgetError
+from dpfed.client import ClientResult, SiteMessage
+from dpfed.errors import BudgetError, ConfigError
 from dpfed.evaluation import evaluate
 from dpfed.payload import FRAMING_BYTES, KIND_DOWN, KIND_UP, Manifest, encode
 from dpfed.privacy import make_generator
 from dpfed.release import release, unit_of
 from dpfed.rundir import (LABELS_JSON, RUN_JSON, SERVER_LEDGER, SUMMARY, INITIAL_STATE, METRICS, append_metrics,
                           build_summary, checkpoint_meta, save_checkpoint, save_state, sha256_hex, write_budget, write_json)
+from dpfed.secure_encoding import ModularWrapError, SecureEncoding, TooFewSitesError, decode, secure_sum, unflatten
 from dpfed.seeds import RunStream, child_seed, site_generators
 from dpfed.setup import Job, dp_init_params, make_clients
 
@@ -77,11 +79,98 @@ class Transport(Protocol):
         """Fields of the summary that only this transport knows."""
 
 
-class InProcessSites:
-    """The sites of a simulation, in this process, sharing the server's model object (one trains at a time)."""
+@dataclass(frozen=True)
+class SecureSum:
+    """What secure aggregation reveals to the server in one round: the sum of the site messages, nothing else.
 
-    def __init__(self, job: Job, *, ledger, seed: int, diagnostics_dir: Path | None) -> None:
+    ``total``: the messages' sum modulo ``2**bits`` ((padded_dim,) int64), or None when the round
+    is discarded (``discarded`` says why: fewer than ``min_sites`` messages); ``sites``: whose
+    messages are in it (availability, public).
+    """
+
+    round: int
+    total: torch.Tensor | None
+    sites: tuple[str, ...]
+    discarded: str | None = None
+
+
+def secure_aggregate(messages: list[SiteMessage], *, encoding: SecureEncoding, round: int) -> SecureSum:  # noqa: A002
+    """The in-process stand-in for secure aggregation: only the modular sum leaves (fewer than min_sites: no sum)."""
+    sites = tuple(m.client_id for m in messages)
+    try:
+        total = secure_sum([m.message for m in messages], encoding=encoding)
+    except TooFewSitesError as exc:
+        return SecureSum(round, None, sites, str(exc))
+    return SecureSum(round, total, sites)
+
+
+def secure_step(job: Job, summed: SecureSum, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The server's FedSGD step from the secure sum: decode, divide by the expected total batch b·K, SGD with train.lr.
+
+    The expected batch ``Σ_i q_i n_i = b · K`` over the K sites in the sum (every q_i = b / n_i
+    since b <= n_i), never the realised one. Raises :class:`ModularWrapError` if the sum wrapped.
+    """
+    flat = decode(summed.total, encoding=job.secure)  # (dim,) float64: Σ clipped gradients + Skellam noise / scale
+    expected = float(job.cfg.train.batch_size * len(summed.sites))
+    grads = unflatten(flat / expected, {n: v.shape for n, v in global_state.items()})
+    lr = job.cfg.train.lr
+    return {n: v - lr * grads[n].to(v.dtype) for n, v in global_state.items()}
+
+
+def secure_record(encoding: SecureEncoding) -> dict[str, Any]:
+    """The public parameters of the encoding that ``run.json`` records (the ledger check reads μ and the sensitivities)."""
+    sens = encoding.sensitivity
+    return {"mu_total": encoding.mu_total, "l2_sensitivity": sens.l2, "l1_sensitivity": sens.l1,
+            "min_sites": encoding.min_sites, "max_sites": encoding.max_sites, "max_records": encoding.max_records,
+            "dim": encoding.dim, "scale": encoding.scale, "bits": encoding.bits, "rotation_seed": encoding.rotation_seed}
+
+
+def message_bytes(encoding: SecureEncoding) -> int:
+    """Bytes of one site message: padded_dim words of 32 bits (SecAgg+'s modulus 2**32) plus our framing."""
+    return 4 * encoding.padded_dim + FRAMING_BYTES
+
+
+def colluding_server_epsilon(events: list, *, min_sites: int, delta: float) -> float:
+    """ε of a site's events if a colluding server saw its own message: each Skellam event with μ / min_sites."""
+    shares = [dataclasses.replace(e, mu=e.mu / min_sites) if isinstance(e, PoissonSkellamEvent) else e for e in events]
+    return prv_epsilon(shares, delta=delta).upper
+
+
+def secure_summary(job: Job, ledger, site_ids: list[str], *, discarded: list[int], claims: bool) -> dict[str, Any]:
+    """The summary fields of secure aggregation: its public encoding, the colluding-server ε, the discarded rounds."""
+    enc = job.secure
+    sens = enc.sensitivity
+    out: dict[str, Any] = {
+        "secure_aggregation": {
+            "noise": "Skellam shares (Agarwal, Kairouz, Liu 2021), one per site; their sum is Skellam",
+            "mu_total": enc.mu_total, "mu_site": enc.mu_site, "min_sites": enc.min_sites, "max_sites": enc.max_sites,
+            "noise_multiplier_equivalent": math.sqrt(enc.mu_total) / sens.l2,
+            "noise_std_of_sum": enc.noise_std(enc.min_sites), "dim": enc.dim, "padded_dim": enc.padded_dim,
+            "scale": enc.scale, "bits": enc.bits, "rotation_seed": enc.rotation_seed, "l2_sensitivity": sens.l2,
+            "l1_sensitivity": sens.l1, "max_records": enc.max_records, "overflow_beta": enc.overflow_beta,
+            "message_bytes": message_bytes(enc),
+        },
+        "rounds_discarded": list(discarded),
+    }
+    if claims:
+        delta = job.cfg.privacy.delta
+        out["epsilon_colluding_server"] = max(
+            (colluding_server_epsilon(ledger.events(s), min_sites=enc.min_sites, delta=delta) for s in site_ids),
+            default=0.0)
+    return out
+
+
+class InProcessSites:
+    """The sites of a simulation, in this process, sharing the server's model object (one trains at a time).
+
+    ``dropout(round, site_id)`` (tests): True makes that site drop out of that secure round before it
+    trains (it sends nothing and spends nothing).
+    """
+
+    def __init__(self, job: Job, *, ledger, seed: int, diagnostics_dir: Path | None,
+                 dropout: Callable[[int, str], bool] | None = None) -> None:
         self.job, self.ledger, self.seed = job, ledger, seed
+        self.dropout = dropout
         self.clients = make_clients(job, ledger=ledger, seed=seed, diagnostics_dir=diagnostics_dir)
         self.site_ids = [c.client_id for c in self.clients]
         self.site_sizes = {c.client_id: c.num_examples for c in self.clients}
@@ -109,6 +198,23 @@ class InProcessSites:
             progress("client", {"round": rnd, "client": c.client_id})
             results.append(c.fit(self.job.model, global_state, round=rnd, on_step=lambda: progress("step", {"round": rnd})))
         return results
+
+    def secure_round(self, rnd: int, chosen: list[int], global_state: dict[str, torch.Tensor],
+                     progress: Progress) -> SecureSum:
+        """Each chosen site's message (events in its ledger first), summed here: the server gets the sum only."""
+        messages = []
+        for i in chosen:
+            c = self.clients[i]
+            if self.dropout is not None and self.dropout(rnd, c.client_id):
+                continue
+            history = len(self.ledger.events(c.client_id))
+            c.sample_generator, noise = site_generators(self.seed, i, rnd, history=history, device="cpu")
+            rounding = make_generator(child_seed(self.seed, RunStream.NOISE, i, rnd, history, 1))
+            progress("client", {"round": rnd, "client": c.client_id})
+            messages.append(c.secure_message(self.job.model, global_state, round=rnd, rounding_generator=rounding,
+                                             noise_generator=noise))
+            progress("step", {"round": rnd})
+        return secure_aggregate(messages, encoding=self.job.secure, round=rnd)
 
 
 def server_event(job: Job) -> PoissonGaussianEvent:
@@ -203,6 +309,7 @@ def start(job: Job, run_dir: Path, *, ledger, server_ledger, progress: Progress,
         "init_info": init_info,
         "initial_eval": eval0,
         **(run_info or {}),
+        **({"secure_aggregation": secure_record(job.secure)} if job.secure is not None and job.dp else {}),
     })
     save_checkpoint(run_dir, round=0, global_state=global_state, frozen=job.method.frozen_state(),
                     meta=checkpoint_meta(run_dir, ledger, server_ledger))
@@ -240,6 +347,13 @@ def train_rounds(job: Job, run_dir: Path, *, transport: Transport, ledger, serve
                       if job.audit is not None and cfg.data.canary_clients else None)
     manifest = Manifest.of(global_state)
     up_size = len(encode(global_state, manifest, round=0, kind=KIND_UP))  # fixed by the manifest
+    secure = job.secure is not None and job.dp  # one FedSGD step per round through secure aggregation
+    if secure:
+        if not hasattr(transport, "secure_round"):
+            raise ConfigError("privacy.aggregation 'secure' is implemented in process only (this transport has no "
+                              "secure aggregation), got a transport without it")
+        up_size = message_bytes(job.secure)
+    discarded: list[int] = []
     down_state = global_state  # what the server sends at the start of the next round (method-specific)
     agg_errors: list[float] = []
     per_round = max(1, int(math.ceil(q_client * n_sites)))
@@ -268,14 +382,30 @@ def train_rounds(job: Job, run_dir: Path, *, transport: Transport, ledger, serve
             break
         t_round = time.time()
         down = encode(down_state, Manifest.of(down_state), round=rnd, kind=KIND_DOWN)
-        try:
-            results = transport.train(rnd, chosen, global_state, progress)
-        except RoundAborted as exc:
-            stop_reason = str(exc)
-            log.warning("stopping: %s", exc)
-            break
-        ups = [len(encode(r.state, manifest, round=rnd, kind=KIND_UP)) for r in results]
-        bytes_down.extend([len(down)] * len(results))
+        secure_line: dict[str, Any] = {}
+        if secure:  # only the sum reaches this code: the transport sums the site messages
+            summed = transport.secure_round(rnd, chosen, global_state, progress)
+            results, ups = [], [up_size] * len(summed.sites)
+            bytes_down.extend([len(down)] * len(summed.sites))
+            reason = summed.discarded
+            if reason is None:
+                try:
+                    global_state = down_state = secure_step(job, summed, global_state)
+                except ModularWrapError as exc:  # a utility failure, never a privacy one: the sum is not used
+                    reason = str(exc)
+            if reason is not None:  # the state is unchanged; the senders' events stay in their ledgers
+                discarded.append(rnd)
+                log.warning("round %d discarded: %s", rnd, reason)
+            secure_line = {"clients": list(summed.sites), "secure_sites": len(summed.sites), "round_discarded": reason}
+        else:
+            try:
+                results = transport.train(rnd, chosen, global_state, progress)
+            except RoundAborted as exc:
+                stop_reason = str(exc)
+                log.warning("stopping: %s", exc)
+                break
+            ups = [len(encode(r.state, manifest, round=rnd, kind=KIND_UP)) for r in results]
+            bytes_down.extend([len(down)] * len(results))
         states, sizes = [r.state for r in results], [r.num_examples for r in results]
         if canary_clients is not None:  # client-level audit: included canaries, Poisson-sampled like every client
             cgen = np.random.default_rng(child_seed(seed, RunStream.CANARY_CLIENT_SAMPLE, rnd))
@@ -306,6 +436,7 @@ def train_rounds(job: Job, run_dir: Path, *, transport: Transport, ledger, serve
             "seconds": time.time() - t_round,
             **({"client_level_epsilon": client_level_epsilon(job, server_ledger)} if job.client_dp and claims else {}),
             **transport.round_extras(),
+            **secure_line,
         }, unit=unit_of(cfg))
         append_metrics(run_dir / METRICS, line)
         # the round's metrics line first, then its checkpoint: an interruption between the two leaves a line
@@ -340,7 +471,9 @@ def train_rounds(job: Job, run_dir: Path, *, transport: Transport, ledger, serve
                             rounds_done=rounds_done, stop_reason=stop_reason, resumed=resumed, eval0=eval0,
                             last_eval=last_eval, bytes_up=bytes_up, bytes_down=bytes_down, agg_errors=agg_errors,
                             trainable=sum(v.numel() for v in global_state.values()), t_start=t_start,
-                            client_level=client_level, init_info=init_info)
+                            client_level=client_level, init_info=init_info,
+                            secure=secure_summary(job, ledger, transport.site_ids, discarded=discarded,
+                                                  claims=bool(job.dp and claims)) if secure else None)
     summary.update(release("summary", transport.summary_extras(), unit=unit_of(cfg)))
     write_json(run_dir / SUMMARY, summary)
     return summary
@@ -396,6 +529,8 @@ def reopen(run_dir: Path, *, progress: Progress, device: str | None = None, ledg
     if digest != info["config_sha256"] or digest != meta["config_sha256"]:
         raise ConfigError(f"{run_dir}/config.yaml changed since the run started (sha256 mismatch); refusing to resume")
     cfg = config_mod.from_dict(yaml.safe_load(config_text))
+    if cfg.privacy.aggregation == "secure":
+        raise ConfigError(f"--resume of a privacy.aggregation 'secure' run is not implemented yet, got '{run_dir}'")
     if device is not None:
         cfg = config_mod.override(cfg, device=device)
     # rebuild data split and model; the adapter factors and state come from the checkpoint, so init is skipped

@@ -10,6 +10,7 @@ tokenises the data, builds the model with the method's adapters, initialises the
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from dpfed.families import default_targets, layer_index, prefix_cache_supported
 from dpfed.methods import Method, method_class
 from dpfed.model import SequenceClassifier, load_base, resolve_model_path, select_targets
 from dpfed.privacy import DPSGDParams, make_generator, new_seed
+from dpfed.secure_encoding import SecureEncoding, choose_scale, rounded_sensitivity
 from dpfed.seeds import RunStream, SplitStream, child_seed
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ class Job:
     noise_enabled: bool = True  # False only for compare's noise-amplification twin (no guarantee)
     fixed_records: tuple = ()  # per client: the included white-box (gradient) canaries, FixedGradientRecords
     audit: Any = None  # the AuditPlan of an audited run (canary clients, saving the canaries)
+    secure: SecureEncoding | None = None  # privacy.aggregation secure: the public integer encoding, μ, bits
 
     def population_sizes(self) -> list[int]:
         """Each client's n: its shard's records plus the gradient canaries it holds (q = b / n counts both)."""
@@ -204,10 +207,16 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
     if cfg.train.batch_size > n_min:
         raise ConfigError(f"batch_size must be <= the smallest client shard ({n_min} records), got {cfg.train.batch_size}")
     sigma = None
+    secure = None
     if cfg.privacy.record_level:
         if cfg.privacy.delta >= 1.0 / n_min:
             raise ConfigError(f"delta must be < 1/n_min = {1.0 / n_min:.3g} (smallest client holds {n_min} records), got {cfg.privacy.delta:g}")
-        sigma = cfg.privacy.noise_multiplier or calibrate(cfg, sizes)
+        if cfg.privacy.aggregation == "secure":
+            dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            secure = calibrate_secure(cfg, sizes, dim=dim, rotation_seed=child_seed(seed, RunStream.INIT, 3))
+            sigma = secure_noise_multiplier(secure)
+        else:
+            sigma = cfg.privacy.noise_multiplier or calibrate(cfg, sizes)
     progress("setup", {"stage": "init", "strategy": cfg.init.strategy})
     gen = make_generator(child_seed(seed, RunStream.INIT))
     init_info: dict[str, Any] = {"public_records": len(splits.public)}
@@ -250,7 +259,7 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
     method = method_cls.build(model, adapters, weighting=weighting, seed=seed)
     return Job(cfg, model, adapters, tokenizer, splits, test, shards, device, autocast_dtype, seed, seed_is_user,
                sigma, init_info, time.time() - t0, split_seed, client_sigma, canaries, attack_records, method,
-               noise_enabled=noise_enabled, fixed_records=fixed_records, audit=audit)
+               noise_enabled=noise_enabled, fixed_records=fixed_records, audit=audit, secure=secure)
 
 
 def _load_records(cfg: RunConfig, *, task: str, source: str | None = None, notes: list[str]) -> Records:
@@ -337,6 +346,38 @@ def calibrate(cfg: RunConfig, sizes: list[int]) -> float:
                           f"got {cfg.init.dp_noise_multiplier:g}") from None
 
 
+def calibrate_secure(cfg: RunConfig, sizes: list[int], *, dim: int, rotation_seed: int) -> SecureEncoding:
+    """The public encoding of ``privacy.aggregation: secure``: scale, Skellam variance μ and modulus bits.
+
+    The scale is the smallest power of two whose rounding inflates the L2 sensitivity by at most
+    1 %; μ_total (the variance of the summed noise, calibrated for ``min_sites`` surviving
+    shares) is the smallest one with which ``train.rounds`` Poisson-subsampled Skellam releases
+    at the largest site rate ``q = b / n_min`` end at or below ε (``accounting.skellam.calibrate_mu``:
+    RDP, an upper bound), or ``(σ · Δ₂)²`` when ``privacy.noise_multiplier`` σ is given; the bits
+    are the fewest with which a sum of every record of the ``sites per round`` largest sites plus
+    the noise of all of them never wraps (``SecureEncoding.plan``, refused above 53).
+    """
+    from accounting.skellam import calibrate_mu
+
+    clip, per_round = cfg.privacy.clip, cfg.sites_per_round()
+    scale = choose_scale(clip=clip, dim=dim)
+    sens = rounded_sensitivity(dim=dim, clip=clip, scale=scale)
+    if cfg.privacy.noise_multiplier is not None:
+        mu_total = (cfg.privacy.noise_multiplier * sens.l2) ** 2
+    else:
+        q_max = max(sample_rate(cfg.train.batch_size, n) for n in sizes)
+        mu_total = calibrate_mu(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, sample_rate=q_max,
+                                steps=cfg.train.rounds, l2_sensitivity=sens.l2, l1_sensitivity=sens.l1)
+    return SecureEncoding.plan(dim=dim, clip=clip, scale=scale, rotation_seed=rotation_seed, mu_total=mu_total,
+                               min_sites=cfg.min_sites(), max_sites=per_round,
+                               max_records=sum(sorted(sizes, reverse=True)[:per_round]))
+
+
+def secure_noise_multiplier(encoding: SecureEncoding) -> float:
+    """The Gaussian-equivalent σ of the summed noise: sqrt(μ_total) / Δ₂ (both in integer units)."""
+    return math.sqrt(encoding.mu_total) / encoding.sensitivity.l2
+
+
 def client_noise_multiplier(cfg: RunConfig) -> float:
     """Client-level σ_c: given, or calibrated so that all planned rounds end at client_epsilon."""
     p, n = cfg.privacy, cfg.data.num_clients
@@ -370,6 +411,6 @@ def make_clients(job: Job, *, ledger, seed: int, diagnostics_dir: Path | None = 
                               sample_generator=make_generator(child_seed(seed, RunStream.SAMPLE, i)),
                               noise_generator=make_generator(child_seed(seed, RunStream.NOISE, i), job.device) if job.dp else None,
                               ledger=ledger, budget=budget, device=job.device, autocast_dtype=job.autocast_dtype,
-                              noise_enabled=job.noise_enabled, fixed=fixed[i],
+                              noise_enabled=job.noise_enabled, fixed=fixed[i], secure=job.secure,
                               diagnostics=None if diagnostics_dir is None else diagnostics_dir / f"client-{i:03d}.jsonl"))
     return clients

@@ -97,11 +97,25 @@ def _register() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _once_per_command()
+    try:
+        _main(argv)
+    finally:  # the command's memory of shown warnings ends with it (a library caller in the same process sees all)
+        _drop_once_filters()
+
+
+def _drop_once_filters() -> None:
+    for name in ONCE_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _OncePerMessage)]:
+            logger.removeFilter(old)
+
+
+def _main(argv: list[str] | None) -> None:
     from accounting.errors import AccountingError
     from dpfed.errors import DpfedError, Interrupted, RunComplete
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _once_per_command()
     # third-party chatter (download/loading bars, load reports) would break the one-line error contract
     quiet_third_party()
     _register()

@@ -77,6 +77,11 @@ ClientClip = Annotated[Optional[float], typer.Option("--client-clip", help="clie
 ClientNoiseMultiplier = Annotated[Optional[float], typer.Option("--client-noise-multiplier", help="client-level σ_c (default: "
                                                                 "calibrated from --client-epsilon)")]
 ClientEpsilon = Annotated[Optional[float], typer.Option("--client-epsilon", help="client-level ε budget over all rounds (PRV upper bound)")]
+Aggregation = Annotated[Optional[str], typer.Option("--aggregation", help="local (each site adds the full noise) | secure "
+                                                    "(distributed DP: one DP-SGD step over all sites per round, Skellam "
+                                                    "shares, only the secure sum is seen; needs --local-steps 1)")]
+MinSites = Annotated[Optional[int], typer.Option("--secure-min-sites", help="secure: noise calibrated for at least this many "
+                                                 "surviving sites; a round with fewer is discarded (default: sites per round)")]
 ClientDelta = Annotated[Optional[float], typer.Option("--client-delta", help="client-level δ (default: --delta); must be < 1/clients")]
 
 # -- output ---------------------------------------------------------------------------------------
@@ -130,6 +135,8 @@ def run_config(
     client_noise_multiplier: float | None = None,
     client_epsilon: float | None = None,
     client_delta: float | None = None,
+    aggregation: str | None = None,
+    min_sites: int | None = None,
 ) -> tuple[RunConfig, list[str]]:
     """``base`` with the given options applied; returns the config and the lines to show the user (what a rule changed)."""
     replaced = dataset is not None and dataset != base.data.source
@@ -138,7 +145,7 @@ def run_config(
         "privacy.noise_multiplier": noise_multiplier, "privacy.enabled": False if no_dp else None,
         "privacy.unit": privacy_unit, "privacy.client_clip": client_clip,
         "privacy.client_noise_multiplier": client_noise_multiplier, "privacy.client_epsilon": client_epsilon,
-        "privacy.client_delta": client_delta,
+        "privacy.client_delta": client_delta, "privacy.aggregation": aggregation, "privacy.min_sites": min_sites,
         "model.name": model, "model.task": task, "model.rank": rank, "model.lora_alpha": lora_alpha,
         "model.target_modules": _split(target_modules),
         "data.source": dataset, "data.text_column": text_column, "data.label_column": label_column,

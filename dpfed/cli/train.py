@@ -52,6 +52,8 @@ def train(
     client_noise_multiplier: options.ClientNoiseMultiplier = None,
     client_epsilon: options.ClientEpsilon = None,
     client_delta: options.ClientDelta = None,
+    aggregation: options.Aggregation = None,
+    min_sites: options.MinSites = None,
     resume: Annotated[Optional[Path], typer.Option(help="continue RUN_DIR from its last checkpoint and ledger (other options except --device/--format/--ledger-key are refused)")] = None,
     ledger_key: Annotated[Optional[Path], typer.Option(help="HMAC key file for the ledger (created mode 0600 if missing; keep it outside the run directory): edits by anyone without it are detected")] = None,
     canaries: options.Canaries = None,
@@ -82,6 +84,7 @@ def train(
         client_fraction=client_fraction, method=method, init=init, device=device, seed=seed, clip=clip,
         noise_multiplier=noise_multiplier, no_dp=no_dp, privacy_unit=privacy_unit, client_clip=client_clip,
         client_noise_multiplier=client_noise_multiplier, client_epsilon=client_epsilon, client_delta=client_delta,
+        aggregation=aggregation, min_sites=min_sites,
     )
     if print_config:
         for line in notes:
@@ -135,7 +138,12 @@ def _train_claimed(cfg, run_dir: Path, *, created: bool, notes: list[str], fmt: 
         err.print(line, style="yellow", markup=False, highlight=False, soft_wrap=True)
     if "head_source" in job.init_info:
         err.print(f"classification head: {job.init_info['head_source']}", markup=False, highlight=False, soft_wrap=True)
-    if not quiet and job.noise_multiplier is not None:
+    if not quiet and job.secure is not None and job.dp:
+        err.print(f"secure aggregation: Skellam μ = {job.secure.mu_total:.6g} in the sum (σ-equivalent "
+                  f"{job.noise_multiplier:.4g}), μ/site = {job.secure.mu_site:.6g} for {job.secure.min_sites} sites, "
+                  f"{job.secure.bits} bits, for ε = {cfg.privacy.epsilon:g}, δ = {cfg.privacy.delta:g} over "
+                  f"{cfg.train.rounds} rounds (worst client)")
+    elif not quiet and job.noise_multiplier is not None:
         err.print(f"noise multiplier σ = {job.noise_multiplier:g} for ε = {cfg.privacy.epsilon:g}, δ = {cfg.privacy.delta:g} "
                   f"over {cfg.train.rounds} rounds × {cfg.train.local_steps} local steps (worst client)")
     return run(job, run_dir, progress=_progress(err, cfg, quiet), ledger_key=key, claimed=created)
@@ -200,6 +208,21 @@ def _progress(console, cfg, quiet: bool):
     return on
 
 
+def _secure_rows(summary: dict) -> list[tuple[str, str]]:
+    """The rows of secure aggregation (distributed DP): the two ε and the noise, only for such runs."""
+    sa = summary.get("secure_aggregation")
+    if not sa:
+        return []
+    eps, coll = summary.get("epsilon_spent"), summary.get("epsilon_colluding_server")
+    return [
+        ("aggregation", f"secure (Skellam shares; min {sa['min_sites']} sites, {sa['bits']} bits)"),
+        ("ε against everyone who sees only the sum (RDP upper)", "—" if eps is None else f"{eps:.3f}"),
+        ("ε if secure aggregation were broken (colluding server)", "—" if coll is None else f"{coll:.3f}"),
+        ("Skellam μ of the sum / per site", f"{sa['mu_total']:.6g} / {sa['mu_site']:.6g}"),
+        ("rounds discarded (fewer than min sites)", str(len(summary.get("rounds_discarded") or []))),
+    ]
+
+
 def _print_summary(summary: dict, run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -209,11 +232,12 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     t.add_column("value", justify="right")
     rows = [
         ("privacy", summary["privacy"]),
-        ("ε target / spent (max over clients, PRV upper)",
+        (f"ε target / spent (max over clients, {'RDP' if summary.get('secure_aggregation') else 'PRV'} upper)",
          "—" if summary["epsilon_target"] is None else f"{summary['epsilon_target']:g} / {summary['epsilon_spent']:.3f}"),
         ("δ (per record)", "—" if summary["delta"] is None else f"{summary['delta']:g}"),
-        ("noise multiplier σ / clip C",
+        ("noise multiplier σ" + (" (equivalent, of the sum)" if summary.get("secure_aggregation") else "") + " / clip C",
          "—" if summary["noise_multiplier"] is None else f"{summary['noise_multiplier']:g} / {summary['clip']:g}"),
+        *_secure_rows(summary),
         ("client-level ε / δ (DP-FedAvg; trusted server)",
          "—" if not summary.get("client_level") else
          f"{summary['client_level']['epsilon']:.3f} / {summary['client_level']['delta']:g} "
