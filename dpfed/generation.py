@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dpfed.instruct import InstructShard, lm_logits, response_loss
+from dpfed.instruct import DecoderSplit, InstructShard, lm_logits, response_loss
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,9 @@ def greedy_generate(model: nn.Module, shard: InstructShard, indices: list[int], 
             v = _left_pad([shard.kv[i][j][1] for i in indices], longest, dim=1).to(device)
             cache.update(k, v, j)
         hidden = _left_pad([shard.hidden[i][:p] for i, p in zip(indices, plens)], longest, dim=0).to(device)  # (B, L, d)
-        last = split.top(hidden, mask, position_ids=pos, cache=cache)[:, -1]  # (B, d)
+        # the top layers of the model under evaluation: the shard's split may hold another model with the same frozen
+        # layers (dpfed compare reuses one job's shards for every method)
+        last = DecoderSplit(model, split.start).top(hidden, mask, position_ids=pos, cache=cache)[:, -1]  # (B, d)
     else:
         last = dec(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                    **{kw: cache}).last_hidden_state[:, -1]  # (B, d)

@@ -277,6 +277,7 @@ def _summary_fields(job: Job, *, eps_clients, sample_rates, client_sizes, client
         "noise": "enabled" if job.noise_enabled else "DISABLED (noise-amplification twin: no privacy guarantee)",
         "init_info": init_info,
         "initial_eval": eval0,
+        "accuracy_before": eval0.get("accuracy"),  # zero-shot for an instruct run: the same held-out prompts
         "accuracy": last_eval.get("accuracy"),
         "eval_loss": last_eval["eval_loss"],
         "test_examples": len(job.test),

@@ -235,6 +235,23 @@ def test_greedy_generation_equals_transformers_generate(tiny_llama_dir, tok, pre
         assert r[:len(o)] == o and (len(o) == 6 or o[-1] in test.stops)
 
 
+def test_generation_runs_the_evaluated_models_top_layers_on_a_cache_built_by_another_model(tiny_llama_dir, tok):
+    # dpfed compare reuses one job's shards (and their frozen-prefix split) for every method's model
+    owner, owner_adapters = _model(tiny_llama_dir, layers=(-1,), seed=0)
+    other, _ = _model(tiny_llama_dir, layers=(-1,), seed=1)  # same frozen layer 0, another R in layer 1
+    cached = tokenize_instruct(_records(), tok, max_length=32)
+    assert enable_prefix(owner, list(owner_adapters), [], cached, torch.device("cpu"), layer_index=layer_index)[
+        "prefix_cache_layers"] == 1.0
+    plain = tokenize_instruct(_records(), tok, max_length=32)
+    idx = list(range(len(PROMPTS)))
+    with torch.no_grad():
+        got = greedy_generate(other, cached, idx, max_new_tokens=6, device="cpu")
+        want = greedy_generate(other, plain, idx, max_new_tokens=6, device="cpu")
+        owners = greedy_generate(owner, plain, idx, max_new_tokens=6, device="cpu")
+    assert got == want
+    assert owners != want  # the two models generate differently, so the check above can fail
+
+
 def test_evaluate_scores_generations_and_response_loss(tiny_llama_dir, tok):
     model, adapters = _model(tiny_llama_dir, layers=(-1,))
     test = tokenize_instruct(_records(), tok, max_length=32, max_new_tokens=2)
@@ -312,7 +329,7 @@ def test_dpfed_train_task_instruct_end_to_end(tiny_llama_dir, tiny_csv, tmp_path
     s = json.loads(stdout)
     assert s["rounds_completed"] == 2 and 0 < s["epsilon_spent"] <= 3.0
     assert s["test_examples"] == 20 and s["adapted_layers"] == 7 and s["trainable_params"] == 7 * 16
-    assert 0 <= s["accuracy"] <= 1 and math.isfinite(s["eval_loss"]) and "accuracy" in s["initial_eval"]
+    assert 0 <= s["accuracy"] <= 1 and math.isfinite(s["eval_loss"]) and s["accuracy_before"] == s["initial_eval"]["accuracy"]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["round"] for x in lines] == [1, 2] and all(0 <= x["accuracy"] <= 1 for x in lines)
     assert s["init_info"]["prefix_cache_layers"] == 1.0
