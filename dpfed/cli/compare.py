@@ -47,6 +47,9 @@ def compare(
     dataset: options.Dataset = None,
     text_column: options.TextColumn = None,
     label_column: options.LabelColumn = None,
+    prompt_column: options.PromptColumn = None,
+    response_column: options.ResponseColumn = None,
+    template: options.Template = None,
     labels: options.Labels = None,
     public_data: options.PublicData = None,
     public_fraction: options.PublicFraction = None,
@@ -86,7 +89,7 @@ def compare(
         base = cfgmod.override(base, **{"init.strategy": "random"})
     base, notes = options.run_config(
         base, delta=delta, model=model, dataset=dataset, text_column=text_column, label_column=label_column,
-        labels=labels, public_data=public_data, public_fraction=public_fraction, drop_invalid=drop_invalid,
+        prompt_column=prompt_column, response_column=response_column, template=template, labels=labels, public_data=public_data, public_fraction=public_fraction, drop_invalid=drop_invalid,
         clients=clients, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr, rank=rank,
         lora_alpha=lora_alpha, clip=clip, device=device,
     )

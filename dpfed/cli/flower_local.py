@@ -31,6 +31,9 @@ def flower_local(
     dataset: options.Dataset = None,
     text_column: options.TextColumn = None,
     label_column: options.LabelColumn = None,
+    prompt_column: options.PromptColumn = None,
+    response_column: options.ResponseColumn = None,
+    template: options.Template = None,
     labels: options.Labels = None,
     public_data: options.PublicData = None,
     public_fraction: options.PublicFraction = None,
@@ -73,7 +76,8 @@ def flower_local(
     if not round_timeout > 0:
         raise ConfigError(f"round-timeout must be a number of seconds > 0, got {round_timeout}")
     run_options = dict(config=config, epsilon=epsilon, delta=delta, model=model, task=task, dataset=dataset,
-                       text_column=text_column, label_column=label_column, labels=labels, public_data=public_data,
+                       text_column=text_column, label_column=label_column, prompt_column=prompt_column,
+                       response_column=response_column, template=template, labels=labels, public_data=public_data,
                        public_fraction=public_fraction, partition=partition, dirichlet_alpha=dirichlet_alpha,
                        rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr, rank=rank,
                        target_modules=target_modules, clip=clip, noise_multiplier=noise_multiplier,
@@ -100,7 +104,8 @@ def flower_local(
     else:
         cfg, notes = options.run_config(
             options.base_config(config), epsilon=epsilon, delta=delta, model=model, task=task, dataset=dataset,
-            text_column=text_column, label_column=label_column, labels=labels, public_data=public_data,
+            text_column=text_column, label_column=label_column, prompt_column=prompt_column,
+            response_column=response_column, template=template, labels=labels, public_data=public_data,
             public_fraction=public_fraction, drop_invalid=drop_invalid, clients=sites, partition=partition,
             dirichlet_alpha=dirichlet_alpha, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
             rank=rank, target_modules=target_modules, client_fraction=client_fraction, init=init, device=device,

@@ -18,6 +18,8 @@ Options that only one command has and that set no config field (``--resume``, ``
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -31,11 +33,16 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 # -- run config, model and data -------------------------------------------------------------------
 Config = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML run config (default: the built-in demo defaults)")]
 Model = Annotated[Optional[str], typer.Option("--model", help="embedded:all-minilm-l6-v2, a local folder, or a hub id")]
-Task = Annotated[Optional[str], typer.Option("--task", help="classification | causal-lm")]
+Task = Annotated[Optional[str], typer.Option("--task", help="classification | causal-lm | instruct")]
 Dataset = Annotated[Optional[str], typer.Option("--dataset", help="embedded:rotten_tomatoes, a csv/tsv/json/jsonl/parquet file, or a "
                                                 "hub dataset; a user dataset gets no public slice unless one is declared")]
 TextColumn = Annotated[Optional[str], typer.Option("--text-column", help="column holding the text (default: text)")]
 LabelColumn = Annotated[Optional[str], typer.Option("--label-column", help="column holding the label (default: label)")]
+PromptColumn = Annotated[Optional[str], typer.Option("--prompt-column", help="instruct: column holding the prompt "
+                                                     "(or --template)")]
+ResponseColumn = Annotated[Optional[str], typer.Option("--response-column", help="instruct: column holding the response")]
+Template = Annotated[Optional[str], typer.Option("--template", help="instruct: the prompt as a template over named columns, "
+                                                 "e.g. 'Question: {question}' (instead of --prompt-column)")]
 Labels = Annotated[Optional[str], typer.Option("--labels", help="the label set, comma-separated, in head-index order "
                                                "(default: the labels of the test split and the public data)")]
 PublicData = Annotated[Optional[str], typer.Option("--public-data", help="a file of records declared public (same columns): "
@@ -106,6 +113,9 @@ def run_config(
     dataset: str | None = None,
     text_column: str | None = None,
     label_column: str | None = None,
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+    template: str | None = None,
     labels: str | None = None,
     public_data: str | None = None,
     public_fraction: float | None = None,
@@ -140,6 +150,10 @@ def run_config(
 ) -> tuple[RunConfig, list[str]]:
     """``base`` with the given options applied; returns the config and the lines to show the user (what a rule changed)."""
     replaced = dataset is not None and dataset != base.data.source
+    notes: list[str] = []
+    if task == "instruct" and base.model.task != "instruct":  # before the task changes: the config must stay valid
+        base, line = _instruct_defaults(base, init_given=init is not None)
+        notes += [line] if line else []
     cfg = cfgmod.override(base, **{
         "privacy.epsilon": epsilon, "privacy.delta": delta, "privacy.clip": clip,
         "privacy.noise_multiplier": noise_multiplier, "privacy.enabled": False if no_dp else None,
@@ -149,6 +163,7 @@ def run_config(
         "model.name": model, "model.task": task, "model.rank": rank, "model.lora_alpha": lora_alpha,
         "model.target_modules": _split(target_modules),
         "data.source": dataset, "data.text_column": text_column, "data.label_column": label_column,
+        "data.prompt_column": prompt_column, "data.response_column": response_column, "data.template": template,
         "data.labels": _split(labels), "data.public_source": public_data, "data.public_fraction": public_fraction,
         "data.drop_invalid": True if drop_invalid else None, "data.num_clients": clients,
         "data.partition": partition, "data.dirichlet_alpha": dirichlet_alpha,
@@ -157,7 +172,6 @@ def run_config(
         "train.client_fraction": client_fraction, "train.method": method, "init.strategy": init,
         "device": device, "seed": seed,
     })
-    notes: list[str] = []
     if replaced and public_fraction is None:
         cfg, line = _no_public_slice(cfg, init_given=init is not None)
         notes += [line] if line else []
@@ -177,6 +191,26 @@ def given(ctx: typer.Context) -> list[str]:
 
 def _split(value: str | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(x.strip() for x in value.split(",") if x.strip())
+
+
+def _instruct_defaults(cfg: RunConfig, *, init_given: bool) -> tuple[RunConfig, str]:
+    """``--task instruct`` over a classification config: no head, no public slice, no label set (one line says so)."""
+    changes: dict[str, object] = {}
+    if cfg.init.head == "public":
+        changes["init.head"] = "random"
+    if cfg.init.strategy == "public" and not init_given:
+        changes["init.strategy"] = "random"
+    if cfg.data.public_fraction:
+        changes["data.public_fraction"] = 0.0
+    if cfg.data.labels is not None:
+        changes["data.labels"] = None
+    if not changes:
+        return cfg, ""
+    out = cfgmod.override(cfg, **changes)
+    if "data.labels" in changes:
+        out = dataclasses.replace(out, data=dataclasses.replace(out.data, labels=None))
+    return (out, "--task instruct: " + ", ".join(f"{k} {'unset' if v is None else v}" for k, v in changes.items())
+            + " (an instruct run has no classification head and no public slice)")
 
 
 def _no_public_slice(cfg: RunConfig, *, init_given: bool) -> tuple[RunConfig, str]:

@@ -26,6 +26,9 @@ def train(
     dataset: options.Dataset = None,
     text_column: options.TextColumn = None,
     label_column: options.LabelColumn = None,
+    prompt_column: options.PromptColumn = None,
+    response_column: options.ResponseColumn = None,
+    template: options.Template = None,
     labels: options.Labels = None,
     public_data: options.PublicData = None,
     public_fraction: options.PublicFraction = None,
@@ -77,7 +80,8 @@ def train(
         return
     cfg, notes = options.run_config(
         options.base_config(config), epsilon=epsilon, delta=delta, model=model, task=task, dataset=dataset,
-        text_column=text_column, label_column=label_column, labels=labels, public_data=public_data,
+        text_column=text_column, label_column=label_column, prompt_column=prompt_column,
+        response_column=response_column, template=template, labels=labels, public_data=public_data,
         public_fraction=public_fraction, drop_invalid=drop_invalid, clients=clients, partition=partition,
         dirichlet_alpha=dirichlet_alpha, canaries=canaries, canary_kind=canary_kind, rounds=rounds,
         local_steps=local_steps, batch_size=batch_size, lr=lr, rank=rank, target_modules=target_modules,

@@ -343,3 +343,18 @@ def test_the_llm_demo_config_is_valid():
     assert cfg.model.task == "instruct" and cfg.model.name == "embedded:smollm2-135m-instruct"
     assert cfg.privacy.epsilon == 3.0 and cfg.privacy.delta == 1e-5 and cfg.data.num_clients == 10
     assert cfg.data.response_map == {"fresh": "positive", "rotten": "negative"} and "{text}" in cfg.data.template
+
+
+def test_prompt_and_response_flags_set_the_config(tiny_csv, tmp_path, run_cli):
+    """``--template``/``--prompt-column``/``--response-column`` on the command line, as in the config."""
+    code, stdout, err = run_cli(["train", "--task", "instruct", "--dataset", tiny_csv, "--template", "Review: {sentence}",
+                                 "--response-column", "sentiment", "--print-config"])
+    assert code == 0, err
+    data = yaml.safe_load(stdout)["data"]
+    assert (data["template"], data["response_column"], data["prompt_column"]) == ("Review: {sentence}", "sentiment", None)
+    code, stdout, err = run_cli(["train", "--task", "instruct", "--dataset", tiny_csv, "--prompt-column", "sentence",
+                                 "--response-column", "sentiment", "--print-config"])
+    assert code == 0, err and yaml.safe_load(stdout)["data"]["prompt_column"] == "sentence"
+    code, _, err = run_cli(["train", "--task", "instruct", "--dataset", tiny_csv, "--prompt-column", "sentence",
+                            "--template", "{sentence}", "--response-column", "sentiment", "--print-config"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "prompt_column" in err and "template" in err
