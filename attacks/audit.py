@@ -455,17 +455,21 @@ def audit_run(
 
     from dpfed.adapters.lorasb import load_trainable_state
     from dpfed.data import load_tokenizer
+    from dpfed.instruct import load_chat_tokenizer
     from dpfed.model import resolve_model_path
 
     dev = _device(device)
     cfg = files.cfg
     task, ml = cfg.model.task, cfg.model.max_length
     model, initial, final = build_model(files, device=dev)
-    tokenizer = load_tokenizer(resolve_model_path(cfg.model.name))
+    path = resolve_model_path(cfg.model.name)
+    # an instruct model may be a GGUF file, and its records are rendered with the chat template as in training
+    tokenizer = load_chat_tokenizer(cfg.model.name, path) if task == "instruct" else load_tokenizer(path)
 
     def losses(state: dict[str, torch.Tensor], records) -> np.ndarray:
         load_trainable_state(model, state)
-        return per_record_loss(model, records, tokenizer, task=task, max_length=ml, batch_size=batch_size, device=dev)
+        return per_record_loss(model, records, tokenizer, task=task, max_length=ml, batch_size=batch_size, device=dev,
+                               chat_template=cfg.model.chat_template, system_prompt=cfg.data.system_prompt)
 
     if canaries.kind == "gradient":  # Dirac canaries: how far training moved each canary's coordinate along its gradient
         c_scores = canaries.scores(initial, final)

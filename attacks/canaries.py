@@ -50,6 +50,7 @@ import torch
 from dpfed.data import Records, Splits
 from dpfed.jsonio import read_json_object
 from dpfed.errors import ConfigError, DataError
+from dpfed.instruct import PromptResponseRecords
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ CANARIES_FILE = "canaries.json"
 ATTACK_RECORDS_FILE = "attack_records.json"
 CANARIES_FORMAT = "dpfed-canaries/1"
 ATTACK_RECORDS_FORMAT = "dpfed-attack-records/1"
+ATTACK_TASKS = ("classification", "causal-lm", "instruct")  # instruct rows carry a "response" too
 KINDS = ("random-words",)  # input-space canaries; "gradient" canaries are a GradientCanarySet
 
 # Streams of SeedSequence(seed) used by make_canaries; fixed so that a seed always gives the same set.
@@ -549,12 +551,17 @@ def choose_attack_records(
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ConfigError(f"attack records n must be an integer >= 1, got {n!r}")
-    held_texts = set(heldout.texts)
-    train_texts = {t for c in splits.clients for t in c.texts}
+    instruct = isinstance(heldout, PromptResponseRecords)  # a record is its prompt and its response
+
+    def keys(r: Records) -> list:
+        return list(zip(r.texts, r.responses)) if instruct else list(r.texts)  # type: ignore[attr-defined]
+
+    held_texts = set(keys(heldout))
+    train_texts = {t for c in splits.clients for t in keys(c)}
     excluded = set(canaries.texts) if canaries is not None else set()
-    member_pool = [(ci, j) for ci, c in enumerate(splits.clients) for j, t in enumerate(c.texts)
+    member_pool = [(ci, j) for ci, c in enumerate(splits.clients) for j, t in enumerate(keys(c))
                    if t not in held_texts and t not in excluded]
-    nonmember_pool = [j for j, t in enumerate(heldout.texts) if t not in train_texts and t not in excluded]
+    nonmember_pool = [j for j, t in enumerate(keys(heldout)) if t not in train_texts and t not in excluded]
     n_eff = min(int(n), len(member_pool), len(nonmember_pool))
     if n_eff < 1:
         raise DataError(f"attack records need members and non-members; got {len(member_pool)} member and "
@@ -569,17 +576,19 @@ def choose_attack_records(
         ci, j = member_pool[int(k)]
         c = splits.clients[ci]
         members.append({"text": c.texts[j], "label": None if c.labels is None else int(c.labels[j]),
+                        **({"response": c.responses[j]} if instruct else {}),  # type: ignore[attr-defined]
                         "client": ci, "index": j})
     non_members = []
     for k in non_idx:
         j = nonmember_pool[int(k)]
         non_members.append({"text": heldout.texts[j], "label": None if heldout.labels is None else int(heldout.labels[j]),
+                            **({"response": heldout.responses[j]} if instruct else {}),  # type: ignore[attr-defined]
                             "index": j})
     return {
         "format": ATTACK_RECORDS_FORMAT,
         "note": "audit only: members are training records of the client shards, non-members a held-out pool "
                 "drawn before training from the same data",
-        "task": "causal-lm" if heldout.labels is None else "classification",
+        "task": "instruct" if instruct else "causal-lm" if heldout.labels is None else "classification",
         "label_names": list(heldout.label_names),
         "seed": int(seed),
         "n_requested": int(n),
@@ -610,8 +619,10 @@ def load_attack_records(path: str | os.PathLike[str]) -> dict[str, Any]:
                 raise DataError(f"{path}: {side}[{i}] must be an object with a text")
             if d.get("task") == "classification" and not isinstance(r.get("label"), int):
                 raise DataError(f"{path}: {side}[{i}] must have an integer label")
-    if d.get("task") not in ("classification", "causal-lm"):
-        raise DataError(f"{path}: task must be 'classification' or 'causal-lm', got {d.get('task')!r}")
+            if d.get("task") == "instruct" and not isinstance(r.get("response"), str):
+                raise DataError(f"{path}: {side}[{i}] must have a response (task 'instruct')")
+    if d.get("task") not in ATTACK_TASKS:
+        raise DataError(f"{path}: task must be one of {list(ATTACK_TASKS)}, got {d.get('task')!r}")
     return d
 
 
@@ -620,6 +631,9 @@ def attack_records_as_records(d: dict[str, Any]) -> tuple[Records, Records]:
     names = tuple(d.get("label_names", ()))
 
     def side(rows: list[dict[str, Any]]) -> Records:
+        if d["task"] == "instruct":  # the prompt and the response the loss is taken on
+            return PromptResponseRecords(tuple(r["text"] for r in rows), None, (),
+                                         responses=tuple(r["response"] for r in rows))
         labels = None if d["task"] == "causal-lm" else tuple(int(r["label"]) for r in rows)
         return Records(tuple(r["text"] for r in rows), labels, names)
 

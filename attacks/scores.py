@@ -10,7 +10,10 @@
   private record, so this score equals the loss reduction.
 
 The loss is :func:`dpfed.privacy.per_example_loss`: cross-entropy of the record's label
-(classification) or mean next-token loss (causal LM), in float32 without autocast.
+(classification), mean next-token loss (causal LM), or, for instruct, the training loss: mean
+next-token loss over the response tokens only, the prompt masked (:func:`dpfed.instruct.response_loss`
+on the records tokenised as in training, :func:`dpfed.instruct.tokenize_instruct`); in float32
+without autocast.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from dpfed.data import Records, tokenize
+from dpfed.instruct import PromptResponseRecords, tokenize_instruct
 from dpfed.privacy import per_example_loss
 
 __all__ = ["per_record_loss", "loss_score", "loss_reduction", "reference_score"]
@@ -34,17 +38,30 @@ def per_record_loss(
     max_length: int,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
+    chat_template: bool = True,
+    system_prompt: str | None = None,
 ) -> np.ndarray:
-    """Loss of every record under ``model`` (eval mode, no gradient), in record order, shape (n,)."""
+    """Loss of every record under ``model`` (eval mode, no gradient), in record order, shape (n,).
+
+    Task ``instruct``: ``records`` are :class:`dpfed.instruct.PromptResponseRecords`, rendered as the
+    run rendered them (``chat_template``, ``system_prompt``: the run's ``model.chat_template`` and
+    ``data.system_prompt``); the loss is over the response tokens only.
+    """
     if task == "classification" and records.labels is None:
         raise ValueError("records must have labels for task 'classification'; got labels None")
+    if task == "instruct" and not isinstance(records, PromptResponseRecords):
+        raise ValueError(f"records must be PromptResponseRecords for task 'instruct'; got {type(records).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     n = len(records)
     out = np.empty(n, dtype=np.float64)
     if n == 0:
         return out
-    shard = tokenize(records, tokenizer, max_length=max_length)
+    if task == "instruct":  # prompt and response tokens as in training; labels -100 on the prompt
+        shard = tokenize_instruct(records, tokenizer, max_length=max_length, chat_template=chat_template,
+                                  system_prompt=system_prompt, model_config=model.config)
+    else:
+        shard = tokenize(records, tokenizer, max_length=max_length)
     order = sorted(range(n), key=lambda i: len(shard.ids[i]))  # length-sorted: little padding
     was_training = model.training
     model.eval()

@@ -384,9 +384,10 @@ class RunConfig:
             _check((d.prompt_column is None) != (d.template is None),
                    "model.task 'instruct' needs exactly one of data.prompt_column and data.template, got "
                    f"prompt_column={d.prompt_column!r}, template={d.template!r}")
-            _check(not d.canaries and not d.audit_holdout,
-                   f"data.canaries and data.audit_holdout (dpfed audit) are not implemented for model.task 'instruct' yet, "
-                   f"got canaries={d.canaries}, audit_holdout={d.audit_holdout}")
+            _check(not d.canaries or d.canary_kind == "gradient",
+                   "data.canary_kind 'random-words' is not implemented for model.task 'instruct' (use the default "
+                   f"'gradient': white-box canaries, independent of the text), got canaries={d.canaries}, "
+                   f"canary_kind={d.canary_kind!r}")
             _check(d.public_source is None, "data.public_source is not used by model.task 'instruct' (it has no head and no "
                    f"public initialisation), got {d.public_source!r}")
             _check(self.init.strategy != "public" and self.init.head != "public",
