@@ -269,6 +269,22 @@ def _load_records(cfg: RunConfig, *, task: str, source: str | None = None, notes
     return load_records(cfg.data, task=task, source=source, notes=notes)
 
 
+def load_task_records(cfg: RunConfig, *, source: str | None = None) -> Records:
+    """The records of ``source`` (default ``data.source``) for ``cfg.model.task`` (a Flower site reads its own so)."""
+    return _load_records(cfg, task=cfg.model.task, source=source, notes=[])
+
+
+def site_tokenizer(cfg: RunConfig) -> Any:
+    """The tokenizer training uses for ``cfg.model.name`` (an instruct model's renders its chat template)."""
+    path = resolve_model_path(cfg.model.name)
+    return load_chat_tokenizer(cfg.model.name, path) if cfg.model.task == "instruct" else load_tokenizer(path)
+
+
+def encoder(cfg: RunConfig, tokenizer: Any, model: nn.Module) -> Callable[[Records], TokenizedShard | InstructShard]:
+    """How records become a shard (public name of :func:`_encoder`, for the Flower site)."""
+    return _encoder(cfg, tokenizer, model)
+
+
 def _encoder(cfg: RunConfig, tokenizer: Any, model: nn.Module) -> Callable[[Records], TokenizedShard | InstructShard]:
     """How records become a shard: prompt + response tokens with the response mask (instruct), or plain tokens."""
     ml = cfg.model.max_length

@@ -9,7 +9,6 @@ noise generator stay with the site. Nothing here imports ``flwr``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch import nn
 
 from dpfed.client import Budget, Client, LocalTraining
 from dpfed.config import RunConfig
-from dpfed.data import Records, load_records, load_tokenizer, split_and_partition, tokenize
+from dpfed.data import Records, split_and_partition
 from dpfed.errors import ConfigError, DataError
 from dpfed.flower.settings import SiteSettings
 from dpfed.privacy import DPSGDParams, new_seed
@@ -50,16 +49,15 @@ def site_records(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, lab
         if settings.num_partitions != cfg.data.num_clients:
             raise ConfigError(f"num-partitions must equal the run's data.num_clients = {cfg.data.num_clients}, "
                               f"got {settings.num_partitions}")
-        records = load_records(cfg.data, task=cfg.model.task)
+        records = _task_records(cfg)
         holdout = 0 if audit is None else audit.holdout_size(len(records))
         if holdout:  # the same set-aside as dpfed.setup.prepare
             perm = np.random.default_rng(child_seed(split_seed, SplitStream.HOLDOUT)).permutation(len(records))
             records = records.subset(np.sort(perm[holdout:]))
         shard = split_and_partition(records, cfg.data, seed=split_seed).clients[settings.partition_id]
     else:
-        data = dataclasses.replace(cfg.data, source=settings.data_path)
-        shard = load_records(data, task=cfg.model.task)
-    if shard.labels is None:
+        shard = _task_records(cfg, source=settings.data_path)
+    if getattr(shard, "labels", None) is None:  # causal-LM texts, or instruct prompt/response pairs
         return shard
     if shard.label_names == label_names:
         return shard
@@ -70,6 +68,14 @@ def site_records(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, lab
                         f"got {unknown[:3]} in {settings.data_path or 'the partition'}")
     labels = tuple(index[shard.label_names[y]] for y in shard.labels)
     return Records(shard.texts, labels, label_names)
+
+
+def _task_records(cfg: RunConfig, *, source: str | None = None) -> Records:
+    """The records of ``source`` (default ``data.source``) as training reads them (``dpfed.setup``): prompt/response
+    pairs for an instruct run, texts (and labels) otherwise."""
+    from dpfed.setup import load_task_records
+
+    return load_task_records(cfg, source=source)
 
 
 @dataclass
@@ -93,20 +99,19 @@ def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label
     """
     from dpfed.families import default_targets
     from dpfed.methods import method_class
-    from dpfed.model import SequenceClassifier, load_base, resolve_model_path, select_targets
+    from dpfed.model import SequenceClassifier, load_base, select_targets
     from dpfed.privacy import make_generator
     from dpfed.seeds import site_generators
-    from dpfed.setup import enable_prefix_cache, resolve_device
+    from dpfed.setup import enable_prefix_cache, encoder, resolve_device, site_tokenizer
 
     cfg = site_config(cfg, settings)
     device = resolve_device(cfg.device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     records = site_records(cfg, settings, split_seed=split_seed, label_names=label_names, audit=audit)
-    tokenizer = load_tokenizer(resolve_model_path(cfg.model.name))
-    shard = tokenize(records, tokenizer, max_length=cfg.model.max_length)
-    if len(shard) == 0:
+    if len(records) == 0:
         raise DataError(f"site {settings.site_id} must hold at least one record, got 0")
     model = load_base(cfg.model.name, task=cfg.model.task, num_labels=max(len(label_names), 2))
+    shard = encoder(cfg, site_tokenizer(cfg), model)(records)  # as dpfed.setup tokenises: instruct masks the prompt
     targets = cfg.model.target_modules or default_targets(getattr(model.config, "model_type", ""))
     names = select_targets(model, tuple(targets), cfg.model.adapt_layers)
     method_cls = method_class(cfg.train.method)
@@ -118,6 +123,12 @@ def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label
     _install_frozen(method, frozen)
     if cfg.model.prefix_cache and isinstance(model, SequenceClassifier):
         enable_prefix_cache(model, names, [shard], device)
+    elif cfg.model.prefix_cache and cfg.model.task == "instruct":  # the same frozen-prefix split as in process
+        from dpfed.families import layer_index
+        from dpfed.instruct import enable_prefix
+
+        enable_prefix(model, names, [shard], shard, device, layer_index=layer_index,
+                      dtype=torch.bfloat16 if cfg.model.prefix_dtype == "bfloat16" else None)
     fixed = None
     if audit is not None and cfg.data.canaries:  # this site's included gradient canaries (the server's draw)
         _, per_site = audit.gradient_canaries({n: p.numel() for n, p in model.named_parameters() if p.requires_grad},
