@@ -165,7 +165,7 @@ def bound_and_source(events: Sequence[Event], *, delta: float, accountant: str =
         result, used = prv._epsilon_with_error(checked, delta=delta, eps_error=None)  # used == 0: RDP fallback
         return result, ("prv" if used > 0.0 else "rdp")
     value = rdp.epsilon(events, delta=delta)
-    return EpsilonBound(lower=0.0, estimate=value, upper=value), "rdp"
+    return EpsilonBound(lower=0.0, estimate=value, upper=value, source="rdp"), "rdp"
 
 
 class _RdpCurve:

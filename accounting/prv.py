@@ -35,7 +35,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from accounting import rdp
 from accounting.errors import AccountingInputError
@@ -55,6 +55,8 @@ class EpsilonBound:
     lower: float
     estimate: float
     upper: float
+    # which accountant produced it: "prv", or "rdp" when the PRV library failed or the events have no PRV (Skellam)
+    source: str = field(default="prv", compare=False)
 
     def __post_init__(self) -> None:
         for name in ("lower", "estimate", "upper"):
@@ -189,7 +191,7 @@ def _compose(
 def _rdp_fallback(events: list[Event], delta: float, exc: Exception) -> EpsilonBound:
     value = rdp.epsilon(events, delta=delta)
     log.warning("PRV accountant failed (%s: %s); reporting the RDP bound %.4g instead", type(exc).__name__, exc, value)
-    return EpsilonBound(lower=0.0, estimate=value, upper=value)
+    return EpsilonBound(lower=0.0, estimate=value, upper=value, source="rdp")
 
 
 def _validate(events: Sequence[Event], delta: float, eps_error: object) -> tuple[list[Event], float, float | None]:
@@ -221,7 +223,7 @@ def _epsilon_with_error(events: list[Event], *, delta: float, eps_error: float |
         from accounting.skellam import composed_epsilon  # scipy only; prv stays cheap to import
 
         value = composed_epsilon(events, delta=delta)
-        return EpsilonBound(lower=0.0, estimate=value, upper=value), 0.0
+        return EpsilonBound(lower=0.0, estimate=value, upper=value, source="rdp"), 0.0
     if eps_error is None:
         eps_error = default_eps_error(rdp.epsilon(events, delta=delta))
     mechanisms = tuple(mechanism_counts(events))

@@ -218,6 +218,16 @@ def truncate_metrics(path: Path, *, last_round: int) -> None:
     atomic_write(path, "".join(x + "\n" for x in keep).encode())
 
 
+def _accountant_label(eps_clients: dict[str, Any]) -> str:
+    """Which accountant the reported ε came from: PRV, or RDP for the clients where the PRV library failed."""
+    fell_back = sorted(k for k, e in eps_clients.items() if getattr(e, "source", "prv") == "rdp")
+    if not fell_back:
+        return "prv (upper bound)"
+    if len(fell_back) == len(eps_clients):
+        return "rdp (upper bound; the PRV accountant failed for every client)"
+    return f"prv (upper bound); rdp (upper bound) for {', '.join(fell_back)}, where the PRV accountant failed"
+
+
 def build_summary(job: Job, *, eps_clients: dict[str, Any], sample_rates: dict[str, float], client_sizes: dict[str, int],
                   clients_per_round: int, rounds_done: int, stop_reason: str, resumed: dict[str, Any] | None,
                   eval0: dict[str, float], last_eval: dict[str, float], bytes_up: list[int], bytes_down: list[int],
@@ -259,7 +269,7 @@ def _summary_fields(job: Job, *, eps_clients, sample_rates, client_sizes, client
         "delta": cfg.privacy.delta if job.dp and claims else None,
         "epsilon_spent": max(e.upper for e in eps_clients.values()) if eps_clients else None,
         "epsilon_per_client": {k: e.upper for k, e in eps_clients.items()},
-        "accountant": "prv (upper bound)" if job.dp and claims else None,
+        "accountant": _accountant_label(eps_clients) if job.dp and claims else None,
         "noise_multiplier": job.noise_multiplier,
         "clip": cfg.privacy.clip if job.dp else None,
         "client_level": client_level,

@@ -109,6 +109,19 @@ def test_fallback_to_rdp_when_the_library_fails(caplog):
     assert bound.lower == 0.0
     assert bound.upper == pytest.approx(rdp.epsilon([pg(sigma, q, steps)], delta=delta))
     assert bound.upper >= reference  # sound, if looser
+    assert bound.source == "rdp" and prv.epsilon([pg(1.0, 0.01, 100)], delta=1e-5).source == "prv"
+
+
+def test_summary_names_the_accountant_each_reported_epsilon_came_from():
+    """A client whose PRV computation fell back to RDP is named in summary.json's accountant label."""
+    from dpfed.rundir import _accountant_label
+
+    (q, sigma, steps, delta), _ = PINNED_FALLBACK
+    failed = prv.epsilon([pg(sigma, q, steps)], delta=delta)
+    fine = prv.epsilon([pg(1.0, 0.01, 100)], delta=1e-5)
+    assert _accountant_label({"client-000": fine, "client-001": fine}) == "prv (upper bound)"
+    assert "rdp (upper bound) for client-001" in _accountant_label({"client-000": fine, "client-001": failed})
+    assert _accountant_label({"client-000": failed}).startswith("rdp (upper bound")
 
 
 def test_empty_identical_and_unit_rules():
