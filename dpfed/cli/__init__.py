@@ -11,7 +11,11 @@ import os
 import sys
 import warnings
 
-import typer
+# Raw tqdm bars (transformers de-quantises a GGUF model under one, outside its own logging) read TQDM_DISABLE when
+# tqdm is first imported: set it before any command imports transformers. dpfed's own progress uses rich.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import typer  # noqa: E402
 
 app = typer.Typer(
     name="dpfed",

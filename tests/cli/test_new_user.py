@@ -456,3 +456,15 @@ def test_causal_lm_summary_shows_the_loss_before_training(tiny_llama_dir, tiny_c
     code, out, err = run_cli(_train(tiny_llama_dir, tiny_csv, tmp_path / "run", "--task", "causal-lm"))
     assert code == 0, err
     assert "nan" not in out and "eval loss before federated training" in out
+
+
+def test_raw_tqdm_bars_are_off_in_the_cli():
+    """transformers de-quantises a GGUF model under a raw tqdm bar (not its own logging): the CLI turns tqdm off."""
+    code = ("import sys\n{imp}from tqdm.auto import tqdm\n"
+            "for _ in tqdm(range(3), desc='Converting and de-quantizing GGUF tensors'):\n    pass\n")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    bare = subprocess.run([sys.executable, "-c", code.format(imp="")], capture_output=True, text=True, env=env)
+    assert "de-quantizing" in bare.stderr  # without the CLI the bar shows
+    cli = subprocess.run([sys.executable, "-c", code.format(imp="import dpfed.cli\n")], capture_output=True, text=True,
+                         env=env)
+    assert cli.returncode == 0 and cli.stderr == ""
