@@ -196,7 +196,7 @@ def prepare(cfg: RunConfig, *, progress: Progress = _noop, split_seed: int | Non
             {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}, split_seed=split_seed)
     ml = cfg.model.max_length
     if data_from is None:
-        encode = _encoder(cfg, tokenizer, model)
+        encode = encoder(cfg, tokenizer, model)
         shards = [encode(c) for c in splits.clients]
         n_eval = len(splits.test) if cfg.train.eval_examples is None else min(cfg.train.eval_examples, len(splits.test))
         test = encode(splits.test.subset(range(n_eval)))  # the test split is a random draw: its first records are too
@@ -281,11 +281,6 @@ def site_tokenizer(cfg: RunConfig) -> Any:
 
 
 def encoder(cfg: RunConfig, tokenizer: Any, model: nn.Module) -> Callable[[Records], TokenizedShard | InstructShard]:
-    """How records become a shard (public name of :func:`_encoder`, for the Flower site)."""
-    return _encoder(cfg, tokenizer, model)
-
-
-def _encoder(cfg: RunConfig, tokenizer: Any, model: nn.Module) -> Callable[[Records], TokenizedShard | InstructShard]:
     """How records become a shard: prompt + response tokens with the response mask (instruct), or plain tokens."""
     ml = cfg.model.max_length
     if cfg.model.task == "instruct":

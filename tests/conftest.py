@@ -86,6 +86,23 @@ def tiny_csv(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_instruct_config(tiny_llama_dir, tiny_csv):
+    """A 3-site instruct run on the tiny Llama ("{sentence}" → good/bad), as a dict; ``train=``/top-level overrides."""
+    def build(*, train: dict | None = None, **top) -> dict:
+        return {
+            "model": {"name": tiny_llama_dir, "task": "instruct", "rank": 4, "adapt_layers": [-1], "max_length": 32,
+                      "max_new_tokens": 2},
+            "data": {"source": tiny_csv, "template": "{sentence}", "response_column": "sentiment",
+                     "response_map": {"pos": "good", "neg": "bad"}, "num_clients": 3},
+            "train": {"rounds": 2, "local_steps": 2, "batch_size": 16, "lr": 0.5, "eval_examples": 20, **(train or {})},
+            "privacy": {"epsilon": 3.0, "delta": 1e-4},
+            **top,
+        }
+
+    return build
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run ``dpfed`` in process: returns (exit code, stdout, stderr)."""

@@ -159,3 +159,22 @@ def synthetic_runs(tiny_bert_dir, tiny_csv, tmp_path_factory, one_thread):
 def run_writer():
     """:func:`write_run`, for tests that build their own synthetic runs."""
     return write_run
+
+
+@pytest.fixture
+def noise_secretly_off(monkeypatch):
+    """The planted bug of the end-to-end audits: calling it turns the sites' noise off while their ledgers still
+    claim the configured epsilon (``dpfed.client.noised_mean`` with sigma 0)."""
+    from dpfed import client as client_mod
+    from dpfed.privacy import DPSGDParams
+
+    def plant() -> None:
+        real = client_mod.noised_mean
+
+        def silent(sums, *, params, generator):
+            return real(sums, params=DPSGDParams(noise_multiplier=0.0, clip=params.clip,
+                                                 expected_batch_size=params.expected_batch_size), generator=None)
+
+        monkeypatch.setattr(client_mod, "noised_mean", silent)
+
+    return plant

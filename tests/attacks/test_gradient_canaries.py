@@ -211,11 +211,9 @@ def test_dp_init_counts_gradient_canaries_in_its_sample_rate(tiny_bert_dir, tiny
         assert rates == {0: pytest.approx(32 / n_i), 1: pytest.approx(16 / n_i)}
 
 
-def _planted_run(tiny_bert_dir, tiny_csv, out, *, noise: bool, monkeypatch=None):
+def _planted_run(tiny_bert_dir, tiny_csv, out, *, plant_leak=None):
     from attacks.audit import audit_run
-    from dpfed import client as client_mod
     from dpfed import config as cfgmod
-    from dpfed.privacy import DPSGDParams
     from dpfed.runner import prepare, run
 
     cfg = cfgmod.from_dict({
@@ -226,21 +224,15 @@ def _planted_run(tiny_bert_dir, tiny_csv, out, *, noise: bool, monkeypatch=None)
         "train": {"rounds": 10, "local_steps": 10, "batch_size": 64, "lr": 5.0},
         "privacy": {"epsilon": 1.0, "delta": 1e-4}, "seed": 0, "device": "cpu"})
     job = prepare(cfg, audit=audit_plan(cfg))
-    if not noise:  # the planted bug: the sites' noise is secretly off while their ledgers still claim epsilon = 1
-        real = client_mod.noised_mean
-
-        def silent(sums, *, params, generator):
-            return real(sums, params=DPSGDParams(noise_multiplier=0.0, clip=params.clip,
-                                                 expected_batch_size=params.expected_batch_size), generator=None)
-
-        monkeypatch.setattr(client_mod, "noised_mean", silent)
+    if plant_leak is not None:  # the planted bug: noise secretly off, the ledgers still claim epsilon = 1
+        plant_leak()
     summary = run(job, out)
     assert summary["epsilon_spent"] <= 1.0
     return audit_run(out)
 
 
-def test_planted_leak_noise_secretly_off_is_a_violation(tiny_bert_dir, tiny_csv, tmp_path, one_thread, monkeypatch):
-    r = _planted_run(tiny_bert_dir, tiny_csv, tmp_path / "leak", noise=False, monkeypatch=monkeypatch)
+def test_planted_leak_noise_secretly_off_is_a_violation(tiny_bert_dir, tiny_csv, tmp_path, one_thread, noise_secretly_off):
+    r = _planted_run(tiny_bert_dir, tiny_csv, tmp_path / "leak", plant_leak=noise_secretly_off)
     assert r["canaries"] == 1000 and r["epsilon_claimed"] <= 1.0
     assert r["verdict"] == "violation", (r["epsilon_lower_bound"], r["correct"], r["guesses"])
     assert r["epsilon_lower_bound"] > 1.5 and r["correct"] >= 180
@@ -248,7 +240,7 @@ def test_planted_leak_noise_secretly_off_is_a_violation(tiny_bert_dir, tiny_csv,
 
 
 def test_same_run_with_its_noise_is_consistent(tiny_bert_dir, tiny_csv, tmp_path, one_thread):
-    r = _planted_run(tiny_bert_dir, tiny_csv, tmp_path / "dp", noise=True)
+    r = _planted_run(tiny_bert_dir, tiny_csv, tmp_path / "dp")
     assert r["verdict"] == "consistent" and r["epsilon_lower_bound"] <= r["epsilon_claimed"]
 
 

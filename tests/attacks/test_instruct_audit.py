@@ -57,30 +57,22 @@ def test_cli_train_instruct_with_gradient_canaries_then_audit(tiny_llama_dir, ti
     assert audit["verdict"] == "consistent" and audit["epsilon_lower_bound"] <= audit["epsilon_claimed"] <= 3.0
 
 
-def _planted_run(tiny_llama_dir, tiny_csv, out, *, noise: bool, monkeypatch=None):
-    from dpfed import client as client_mod
-    from dpfed.privacy import DPSGDParams
+def _planted_run(tiny_llama_dir, tiny_csv, out, *, plant_leak=None):
     from dpfed.runner import prepare, run
 
     cfg = _sentiment_cfg(tiny_llama_dir, tiny_csv)  # 7 × 16² = 1,792 trainable coordinates, 1,000 canaries
     job = prepare(cfg, audit=audit_plan(cfg))
     assert job.init_info["prefix_cache_layers"] == 1.0
-    if not noise:  # the planted bug: the sites' noise is secretly off while their ledgers still claim epsilon = 1
-        real = client_mod.noised_mean
-
-        def silent(sums, *, params, generator):
-            return real(sums, params=DPSGDParams(noise_multiplier=0.0, clip=params.clip,
-                                                 expected_batch_size=params.expected_batch_size), generator=None)
-
-        monkeypatch.setattr(client_mod, "noised_mean", silent)
+    if plant_leak is not None:  # the planted bug: noise secretly off, the ledgers still claim epsilon = 1
+        plant_leak()
     summary = run(job, out)
     assert summary["epsilon_spent"] <= 1.0
     return audit_run(out)
 
 
 def test_instruct_planted_leak_noise_secretly_off_is_a_violation(tiny_llama_dir, tiny_csv, tmp_path, one_thread,
-                                                                 monkeypatch):
-    r = _planted_run(tiny_llama_dir, tiny_csv, tmp_path / "leak", noise=False, monkeypatch=monkeypatch)
+                                                                 noise_secretly_off):
+    r = _planted_run(tiny_llama_dir, tiny_csv, tmp_path / "leak", plant_leak=noise_secretly_off)
     assert r["task"] == "instruct" and r["canaries"] == 1000 and r["epsilon_claimed"] <= 1.0
     assert r["verdict"] == "violation", (r["epsilon_lower_bound"], r["correct"], r["guesses"])
     assert r["epsilon_lower_bound"] > 1.5 and r["correct"] >= 180  # measured: 196 of 200, epsilon_LB 2.97
@@ -88,7 +80,7 @@ def test_instruct_planted_leak_noise_secretly_off_is_a_violation(tiny_llama_dir,
 
 
 def test_instruct_same_run_with_its_noise_is_consistent(tiny_llama_dir, tiny_csv, tmp_path, one_thread):
-    r = _planted_run(tiny_llama_dir, tiny_csv, tmp_path / "dp", noise=True)
+    r = _planted_run(tiny_llama_dir, tiny_csv, tmp_path / "dp")
     assert r["verdict"] == "consistent" and r["epsilon_lower_bound"] <= r["epsilon_claimed"]
 
 

@@ -11,16 +11,9 @@ import yaml
 METHODS = ("fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora")
 
 
-def test_compare_runs_every_method_on_task_instruct(tiny_llama_dir, tiny_csv, tmp_path, run_cli):
+def test_compare_runs_every_method_on_task_instruct(tiny_instruct_config, tmp_path, run_cli):
     cfg = tmp_path / "instruct.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": {"name": tiny_llama_dir, "task": "instruct", "rank": 4, "adapt_layers": [-1], "max_length": 32,
-                  "max_new_tokens": 2},
-        "data": {"source": tiny_csv, "template": "{sentence}", "response_column": "sentiment",
-                 "response_map": {"pos": "good", "neg": "bad"}, "num_clients": 3},
-        "train": {"rounds": 1, "local_steps": 2, "batch_size": 16, "lr": 2.0, "eval_examples": 40},
-        "privacy": {"epsilon": 3.0, "delta": 1e-4},
-    }))
+    cfg.write_text(yaml.safe_dump(tiny_instruct_config(train={"rounds": 1, "lr": 2.0, "eval_examples": 40})))
     out = tmp_path / "cmp"
     code, stdout, err = run_cli(["compare", "--config", str(cfg), "--epsilon", "3", "--device", "cpu",
                                  "--out", str(out), "--format", "json"])

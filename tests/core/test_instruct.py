@@ -312,17 +312,9 @@ def test_embedded_llm_resolution():
         assert found[1].endswith(".gguf")
 
 
-def test_dpfed_train_task_instruct_end_to_end(tiny_llama_dir, tiny_csv, tmp_path, run_cli):
+def test_dpfed_train_task_instruct_end_to_end(tiny_instruct_config, tmp_path, run_cli):
     cfg = tmp_path / "instruct.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": {"name": tiny_llama_dir, "task": "instruct", "rank": 4, "adapt_layers": [-1], "max_length": 32,
-                  "max_new_tokens": 2},
-        "data": {"source": tiny_csv, "template": "{sentence}", "response_column": "sentiment",
-                 "response_map": {"pos": "good", "neg": "bad"}, "num_clients": 3},
-        "train": {"rounds": 2, "local_steps": 2, "batch_size": 16, "lr": 0.5, "eval_examples": 20},
-        "privacy": {"epsilon": 3.0, "delta": 1e-4},
-        "seed": 0,
-    }))
+    cfg.write_text(yaml.safe_dump(tiny_instruct_config(seed=0)))
     out = tmp_path / "run"
     code, stdout, err = run_cli(["train", "--config", str(cfg), "--task", "instruct", "--out", str(out), "--format", "json"])
     assert code == 0, err

@@ -162,20 +162,12 @@ def test_flower_run_equals_in_process_run(flower_cfg_path, tmp_path, feature):
 
 
 @pytest.mark.slow  # CI runs it (make test-slow)
-def test_flower_instruct_run_equals_in_process_run(tiny_llama_dir, tiny_csv, tmp_path):
+def test_flower_instruct_run_equals_in_process_run(tiny_instruct_config, tmp_path):
     """Instruction tuning on Flower (issue 14): prompt/response records, response-only loss, the frozen-prefix
     cache on the sites; the same global R after each round, ledgers and ε as ``dpfed train`` in process."""
     from dpfed import config as cfgmod
 
-    cfg = cfgmod.from_dict({
-        "model": {"name": tiny_llama_dir, "task": "instruct", "rank": 4, "adapt_layers": [-1], "max_length": 32,
-                  "max_new_tokens": 2},
-        "data": {"source": tiny_csv, "template": "{sentence}", "response_column": "sentiment",
-                 "response_map": {"pos": "good", "neg": "bad"}, "num_clients": 3},
-        "init": {"strategy": "random", "head": "random"},
-        "train": {"rounds": 2, "local_steps": 2, "batch_size": 16, "lr": 0.5, "eval_examples": 20},
-        "privacy": {"epsilon": 3.0, "delta": 1e-4}, "seed": 0, "device": "cpu",
-    })
+    cfg = cfgmod.from_dict(tiny_instruct_config(init={"strategy": "random", "head": "random"}, seed=0, device="cpu"))
     path = tmp_path / "instruct.yaml"
     path.write_text(cfgmod.to_yaml(cfg))
     test_flower_run_equals_in_process_run(path, tmp_path, "record")
