@@ -73,6 +73,7 @@ attacks on the Poisson sampler, a server that lies about the public seed or para
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
@@ -370,6 +371,19 @@ class SecureEncoding:
         return cls(bits=max(2, (signal + noise).bit_length() + 1), **kw)  # validates, and refuses > MAX_BITS
 
     # -- derived quantities --
+    def to_public(self) -> dict[str, int | float]:
+        """Every field, as the JSON object the server sends its sites (all public: config and record counts)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_public(cls, fields: dict) -> SecureEncoding:
+        """The encoding from :meth:`to_public`'s object, validated again on construction (a site checks what it gets)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(fields, dict) or sorted(fields) != sorted(names):
+            got = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
+            raise ConfigError(f"secure encoding must carry exactly the fields {names}, got {got}")
+        return cls(**fields)
+
     @property
     def sensitivity(self) -> RoundedSensitivity:
         """The record-level sensitivities of the integer sum (pass ``l2`` and ``l1`` to :mod:`accounting.skellam`)."""

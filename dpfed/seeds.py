@@ -17,7 +17,7 @@ import torch
 
 from dpfed.privacy import make_generator
 
-__all__ = ["RunStream", "SplitStream", "child_seed", "site_generators"]
+__all__ = ["RunStream", "SplitStream", "child_seed", "secure_generators", "site_generators"]
 
 
 class RunStream(IntEnum):
@@ -59,3 +59,14 @@ def site_generators(seed: int, index: int, rnd: int, *, history: int,
     """
     return (make_generator(child_seed(seed, RunStream.SAMPLE, index, rnd, history)),
             make_generator(child_seed(seed, RunStream.NOISE, index, rnd, history), device))
+
+
+def secure_generators(seed: int, index: int, rnd: int, *,
+                      history: int) -> tuple[torch.Generator, torch.Generator, torch.Generator]:
+    """Site ``index``'s sampling, Skellam-noise and rounding generators (all CPU) for a secure round ``rnd``.
+
+    The same draws for an in-process site and a Flower site with the same seed and ledger, so a
+    Flower run under secure aggregation equals the in-process one.
+    """
+    sample, noise = site_generators(seed, index, rnd, history=history, device="cpu")
+    return sample, noise, make_generator(child_seed(seed, RunStream.NOISE, index, rnd, history, 1))

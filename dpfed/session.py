@@ -37,7 +37,7 @@ from dpfed.release import release, unit_of
 from dpfed.rundir import (LABELS_JSON, RUN_JSON, SERVER_LEDGER, SUMMARY, INITIAL_STATE, METRICS, append_metrics,
                           build_summary, checkpoint_meta, save_checkpoint, save_state, sha256_hex, write_budget, write_json)
 from dpfed.secure_encoding import ModularWrapError, SecureEncoding, TooFewSitesError, decode, secure_sum, unflatten
-from dpfed.seeds import RunStream, child_seed, site_generators
+from dpfed.seeds import RunStream, child_seed, secure_generators, site_generators
 from dpfed.setup import Job, dp_init_params, make_clients
 
 log = logging.getLogger(__name__)
@@ -207,9 +207,8 @@ class InProcessSites:
             c = self.clients[i]
             if self.dropout is not None and self.dropout(rnd, c.client_id):
                 continue
-            history = len(self.ledger.events(c.client_id))
-            c.sample_generator, noise = site_generators(self.seed, i, rnd, history=history, device="cpu")
-            rounding = make_generator(child_seed(self.seed, RunStream.NOISE, i, rnd, history, 1))
+            c.sample_generator, noise, rounding = secure_generators(self.seed, i, rnd,
+                                                                    history=len(self.ledger.events(c.client_id)))
             progress("client", {"round": rnd, "client": c.client_id})
             messages.append(c.secure_message(self.job.model, global_state, round=rnd, rounding_generator=rounding,
                                              noise_generator=noise))

@@ -21,7 +21,11 @@ from dpfed.cli import options
 from dpfed.errors import ConfigError
 
 
+RESUME_FLAGS = ("--resume", "--min-sites", "--round-timeout", "--tls", "--format")  # what --resume accepts
+
+
 def flower_local(
+    ctx: typer.Context,
     sites: Annotated[int, typer.Option(help="number of sites (SuperNodes), one demo partition each")] = 3,
     config: options.Config = None,
     epsilon: options.Epsilon = None,
@@ -52,6 +56,8 @@ def flower_local(
     init: options.Init = None,
     device: options.Device = None,
     seed: options.Seed = None,
+    aggregation: options.Aggregation = None,
+    secure_min_sites: options.MinSites = None,
     min_sites: Annotated[int, typer.Option(help="a round completes when at least this many sites answered validly")] = 1,
     round_timeout: Annotated[float, typer.Option(help="seconds to wait for one round's replies")] = 600.0,
     tls: Annotated[bool, typer.Option("--tls", help="TLS with a throwaway CA and SuperNode authentication (default: --insecure on loopback)")] = False,
@@ -75,18 +81,11 @@ def flower_local(
         raise ConfigError(f"min-sites must be in [1, sites = {sites}], got {min_sites}")
     if not round_timeout > 0:
         raise ConfigError(f"round-timeout must be a number of seconds > 0, got {round_timeout}")
-    run_options = dict(config=config, epsilon=epsilon, delta=delta, model=model, task=task, dataset=dataset,
-                       text_column=text_column, label_column=label_column, prompt_column=prompt_column,
-                       response_column=response_column, template=template, labels=labels, public_data=public_data,
-                       public_fraction=public_fraction, partition=partition, dirichlet_alpha=dirichlet_alpha,
-                       rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr, rank=rank,
-                       target_modules=target_modules, clip=clip, noise_multiplier=noise_multiplier,
-                       client_fraction=client_fraction, init=init, device=device, seed=seed, out=out)
     if resume is not None:
-        given = [k for k, v in run_options.items() if v is not None] + (["drop_invalid"] if drop_invalid else [])
-        if given:
-            raise ConfigError(f"--resume continues the run with its own config.yaml: --{given[0].replace('_', '-')} "
-                              f"must not be given with it, got {run_options.get(given[0], drop_invalid)!r}")
+        refused = [flag for flag in options.given(ctx) if flag not in RESUME_FLAGS]
+        if refused:
+            raise ConfigError(f"--resume continues the run with its own config.yaml: {', '.join(refused)} must not "
+                              f"be given with it")
         run_dir = resume.resolve()
         if not (run_dir / "config.yaml").is_file() or not (run_dir / "run.json").is_file():
             raise ConfigError(f"--resume must name a flower-local run directory with config.yaml and run.json, "
@@ -109,7 +108,8 @@ def flower_local(
             public_fraction=public_fraction, drop_invalid=drop_invalid, clients=sites, partition=partition,
             dirichlet_alpha=dirichlet_alpha, rounds=rounds, local_steps=local_steps, batch_size=batch_size, lr=lr,
             rank=rank, target_modules=target_modules, client_fraction=client_fraction, init=init, device=device,
-            seed=seed, clip=clip, noise_multiplier=noise_multiplier,
+            seed=seed, clip=clip, noise_multiplier=noise_multiplier, aggregation=aggregation,
+            min_sites=secure_min_sites,
         )
         check_supported(cfg)
         bin_dir()  # flwr installed?
@@ -201,13 +201,17 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     t = Table(title=f"dpfed flower-local — {summary['method']} on {len(fl['sites'])} sites", show_header=True)
     t.add_column("quantity")
     t.add_column("value", justify="right")
-    eps = summary["epsilon_target"]
+    from dpfed.cli.train import secure_rows
+
+    eps, secure = summary["epsilon_target"], bool(summary.get("secure_aggregation"))
     rows = [
         ("privacy", summary["privacy"]),
-        ("ε target / spent (max over sites, PRV upper)", "—" if eps is None else f"{eps:g} / {summary['epsilon_spent']:.3f}"),
+        (f"ε target / spent (max over sites, {'RDP' if secure else 'PRV'} upper)",
+         "—" if eps is None else f"{eps:g} / {summary['epsilon_spent']:.3f}"),
         ("δ (per record)", "—" if summary["delta"] is None else f"{summary['delta']:g}"),
-        ("noise multiplier σ / clip C",
+        ("noise multiplier σ" + (" (equivalent, of the sum)" if secure else "") + " / clip C",
          "—" if summary["noise_multiplier"] is None else f"{summary['noise_multiplier']:g} / {summary['clip']:g}"),
+        *secure_rows(summary),
         ("rounds completed", f"{summary['rounds_completed']} / {summary['rounds_planned']}"
          + ("" if summary["stop_reason"] == "completed" else f" (stopped: {summary['stop_reason']})")),
         ("sites (per round, minimum)", f"{summary['clients']} ({summary['clients_per_round']}, {fl['min_sites']})"),

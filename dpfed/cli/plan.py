@@ -194,7 +194,6 @@ def plan(
     groups: dict[tuple, dict[str, Any]] = {}  # clients with the same (q, q0) share one plan
     for client in clients:
         groups.setdefault((client["sample_rate"], client.get("init_sample_rate")), client)
-    worst_rate = max(c["sample_rate"] for c in clients)
     result: dict[str, Any] = {"mode": mode, "accountant": acc, "delta": delta, "unit": "record",
                               "init_noise_multiplier": init_noise_multiplier}
 

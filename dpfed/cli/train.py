@@ -212,7 +212,7 @@ def _progress(console, cfg, quiet: bool):
     return on
 
 
-def _secure_rows(summary: dict) -> list[tuple[str, str]]:
+def secure_rows(summary: dict) -> list[tuple[str, str]]:
     """The rows of secure aggregation (distributed DP): the two ε and the noise, only for such runs."""
     sa = summary.get("secure_aggregation")
     if not sa:
@@ -241,7 +241,7 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
         ("δ (per record)", "—" if summary["delta"] is None else f"{summary['delta']:g}"),
         ("noise multiplier σ" + (" (equivalent, of the sum)" if summary.get("secure_aggregation") else "") + " / clip C",
          "—" if summary["noise_multiplier"] is None else f"{summary['noise_multiplier']:g} / {summary['clip']:g}"),
-        *_secure_rows(summary),
+        *secure_rows(summary),
         ("client-level ε / δ (DP-FedAvg; trusted server)",
          "—" if not summary.get("client_level") else
          f"{summary['client_level']['epsilon']:.3f} / {summary['client_level']['delta']:g} "

@@ -19,10 +19,11 @@ from flwr.clientapp import ClientApp
 
 from attacks.plan import audit_plan  # the ClientApp is a composition root: it builds the audit plan it runs with
 from dpfed.flower import records as rec
+from dpfed.flower.secure_round import FIT_CONFIG, is_secure_round, secure_only_mod
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+app = ClientApp(mods=[secure_only_mod])  # SecAgg+ (Flower's secaggplus_mod) for the messages of secure rounds only
 
 
 def _settings(context: Context):
@@ -68,11 +69,14 @@ def _refusing(what: str):
             try:
                 settings = _settings(context)
                 site_id = settings.site_id
-                run = rec.parse_run_record(msg.content.config_records[rec.CONFIG])
+                secure = is_secure_round(msg)
+                run = rec.parse_run_record(msg.content.config_records[FIT_CONFIG if secure else rec.CONFIG])
                 server_round = run.server_round
                 return handler(msg, context, settings, run)
             except (DpfedError, AccountingError, KeyError) as exc:
                 log.warning("site %s refuses %s (round %d): %s", site_id, what, server_round, exc)
+                if is_secure_round(msg):  # inside SecAgg+ a refusal is a dropout: the protocol goes on without it
+                    raise RuntimeError(f"site {site_id} refuses the secure round {server_round}: {exc}") from None
                 return Message(rec.refusal(str(exc), site_id=site_id, server_round=server_round), reply_to=msg)
 
         # Flower sees a plain (msg, context) handler; no __wrapped__, so no one inspects the inner signature
@@ -130,6 +134,8 @@ def train(msg: Message, context: Context, settings, run: rec.RunMessage) -> Mess
     cfg = _server_config(run)
     if rec.STATE_KEY not in context.state:
         raise DpfedError("this site holds no frozen factors for the run (no handshake); it needs a new handshake")
+    if is_secure_round(msg):
+        return _secure_train(msg, context, settings, run, cfg)
     # methods that fold into W0 (FedEx-LoRA, FLoRA) send the current frozen tensors with every round
     frozen_record = (msg.content.array_records[rec.FROZEN] if rec.FROZEN in msg.content.array_records
                      else context.state.array_records[rec.STATE_KEY])
@@ -148,6 +154,51 @@ def train(msg: Message, context: Context, settings, run: rec.RunMessage) -> Mess
     content = rec.reply_record(state=result.state, site_id=settings.site_id, server_round=run.server_round,
                                num_examples=result.num_examples, events=[event_to_dict(e) for e in result.events],
                                steps=result.steps, epsilon_spent=_spent(ledger, settings.site_id, delta))
+    return Message(content, reply_to=msg)
+
+
+def _secure_train(msg: Message, context: Context, settings, run: rec.RunMessage, cfg) -> Message:
+    """A secure round: this site's message (event in its ledger first) as the input ``secaggplus_mod`` masks."""
+    import json
+
+    from accounting.events import event_to_dict
+    from accounting.ledger import Ledger
+    from dpfed.errors import DpfedError
+    from dpfed.flower.secure_codec import secaggplus_params, to_secagg
+    from dpfed.flower.secure_round import SECURE_ENCODING, global_state_of, secure_reply
+    from dpfed.flower.site import build_site
+    from dpfed.release import release
+    from dpfed.secure_encoding import SecureEncoding
+    from dpfed.seeds import secure_generators
+
+    frozen = rec.from_record(context.state.array_records[rec.STATE_KEY])
+    if rec.digest(frozen) != run.frozen_sha256:
+        raise DpfedError("frozen factors announced by the server differ from the ones this site received")
+    try:
+        encoding = SecureEncoding.from_public(json.loads(str(msg.content.config_records[FIT_CONFIG][SECURE_ENCODING])))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DpfedError(f"a secure round must carry the public secure encoding, got none usable ({exc})") from None
+    params = secaggplus_params(bits=encoding.bits, max_sites=encoding.max_sites)
+    global_state = global_state_of(msg.content)
+    ledger = Ledger(settings.ledger)
+    site = build_site(cfg, settings, split_seed=run.split_seed, label_names=run.label_names, frozen=frozen,
+                      noise_multiplier=run.noise_multiplier, round=run.server_round, ledger=ledger,
+                      audit=audit_plan(cfg), secure=encoding)
+    _check_global(site, global_state)
+    from dpfed.privacy import new_seed
+
+    seed = settings.seed if settings.seed is not None else new_seed()  # as build_site: the site's own seed
+    sample, noise, rounding = secure_generators(seed, settings.index, run.server_round,
+                                                history=len(ledger.events(settings.site_id)))
+    site.client.sample_generator = sample
+    sent = site.client.secure_message(site.model, global_state, round=run.server_round, rounding_generator=rounding,
+                                      noise_generator=noise)  # budget check; event fsynced before it returns
+    events = [event_to_dict(e) for e in sent.events]
+    spent = _spent(ledger, settings.site_id, site.cfg.privacy.delta)
+    release("site_reply", {"message": sent.message, "site_id": settings.site_id, "round": run.server_round,
+                           "events": events, "epsilon_spent": spent}, unit="record")
+    content = secure_reply(to_secagg(sent.message.numpy(), params=params), site_id=settings.site_id,
+                           server_round=run.server_round, events=events, epsilon_spent=spent)
     return Message(content, reply_to=msg)
 
 

@@ -107,10 +107,20 @@ def serve(grid: Grid, settings: ServerSettings, *, progress=_noop) -> dict[str, 
                               f"{joined} instead of {again.site_sizes}")
         return _run(job, run_dir, grid, strategy, meet, settings, global_state, progress, again=again)
     sizes = list(joined.values())
-    if job.dp and cfg.privacy.noise_multiplier is None and sorted(sizes) != sorted(len(s) for s in job.shards):
+    if job.secure is not None and job.dp and sorted(sizes) != sorted(len(s) for s in job.shards):
+        from dpfed.setup import calibrate_secure, secure_noise_multiplier
+
+        # μ (from q = b / n_min) and the bits (from the largest sites' records) for the sites' own sizes
+        secure = calibrate_secure(cfg, sizes, dim=job.secure.dim, rotation_seed=job.secure.rotation_seed)
+        job = dataclasses.replace(job, secure=secure, noise_multiplier=secure_noise_multiplier(secure))
+    elif job.dp and cfg.privacy.noise_multiplier is None and sorted(sizes) != sorted(len(s) for s in job.shards):
         from dpfed.runner import calibrate
 
         job = dataclasses.replace(job, noise_multiplier=calibrate(cfg, sizes))  # plan σ for the sites' own sizes
+    if job.secure is not None and job.dp:  # SecAgg+ carries the integer messages exactly only within its field
+        from dpfed.flower.secure_codec import secaggplus_params
+
+        secaggplus_params(bits=job.secure.bits, max_sites=job.secure.max_sites)
     return _run(job, run_dir, grid, strategy, meet, settings, global_state, progress)
 
 
@@ -212,13 +222,7 @@ class FlowerSites:
         if not chosen:  # client-level Poisson sampling chose nobody: the server releases noise only
             self._extras = {"flower_bytes_up": 0, "sites_rejected": [], "sites_refused": [], "sites_failed": []}
             return []
-        self.meet.new_nodes()  # a site that (re)joined since the last round gets its handshake first
-        self.seen_sites |= {s.site_id for s in self.strategy.sites()}
-        by_id = {s.site_id: s for s in self.strategy.sites()}
-        missing = [self.site_ids[i] for i in chosen if self.site_ids[i] not in by_id]
-        if missing:
-            raise RoundAborted(f"round {rnd}: sites {missing} are not connected")
-        sites = [by_id[self.site_ids[i]] for i in chosen]
+        sites = self._connected(rnd, chosen)
         frozen = self.job.method.frozen_state()
         messages = self.strategy.configure_sites(rnd, sites, rec.to_record(global_state),
                                                  self.meet.record(rnd, self.job.noise_multiplier, rec.digest(frozen)),
@@ -234,6 +238,68 @@ class FlowerSites:
         steps = self.job.cfg.train.local_steps
         results = [ClientResult(a.site_id, rnd, a.state, a.num_examples, a.events, steps) for a in out.accepted]
         return results
+
+    def _connected(self, rnd: int, chosen: list[int]) -> list:
+        """The chosen sites' roster entries (a site that (re)joined since the last round gets its handshake first)."""
+        from dpfed.session import RoundAborted
+
+        self.meet.new_nodes()
+        self.seen_sites |= {s.site_id for s in self.strategy.sites()}
+        by_id = {s.site_id: s for s in self.strategy.sites()}
+        missing = [self.site_ids[i] for i in chosen if self.site_ids[i] not in by_id]
+        if missing:
+            raise RoundAborted(f"round {rnd}: sites {missing} are not connected")
+        return [by_id[self.site_ids[i]] for i in chosen]
+
+    def secure_round(self, rnd: int, chosen: list[int], global_state, progress):
+        """A secure round through Flower's SecAgg+: the server gets the sum of the chosen sites' messages only.
+
+        Each site sends the events it recorded with its masked vector (public report); they go
+        into the server's copy of the ledger for every site that handed one in, summed or not.
+        """
+        import json
+
+        import torch
+
+        from dpfed.flower.secure_codec import secaggplus_params
+        from dpfed.flower.secure_round import SECURE_ENCODING, STATE_NAMES, run_secaggplus
+        from dpfed.session import RoundAborted, SecureSum
+
+        enc = self.job.secure
+        try:
+            sites = self._connected(rnd, chosen)
+        except RoundAborted as exc:  # a site that is not there drops out: the sum needs min_sites messages
+            self._extras = {}
+            return SecureSum(rnd, None, (), str(exc))
+        names = sorted(global_state)
+        config = {**self.meet.record(rnd, self.job.noise_multiplier, rec.digest(self.job.method.frozen_state())),
+                  SECURE_ENCODING: json.dumps(enc.to_public()), STATE_NAMES: json.dumps(names)}
+        arrays = [global_state[n].detach().cpu().numpy() for n in names]
+        out = run_secaggplus(self.grid, nodes=[s.node_id for s in sites], arrays=arrays, config=config,
+                             params=secaggplus_params(bits=enc.bits, max_sites=enc.max_sites),
+                             threshold=max(2, enc.min_sites), server_round=rnd, timeout=self.settings.round_timeout)
+        by_node = {s.node_id: s for s in sites}
+        for node in out.sent:  # the server's copy of what each sender reports having recorded
+            report = out.reports.get(node, {})
+            site = by_node[node]
+            try:
+                events = _report_events(report, site_id=site.site_id, server_round=rnd)
+            except ValueError as exc:
+                log.warning("round %d: %s's report is unusable (%s); its own ledger holds the round", rnd,
+                            site.site_id, exc)
+                continue
+            for ev in events:
+                self.ledger.append(client=site.site_id, round=rnd, event=ev, note=REPORTED_NOTE)
+        order = [s.node_id for s in sites]
+        self._extras = {}
+        if out.total is None:
+            senders = tuple(by_node[n].site_id for n in order if n in out.sent)
+            return SecureSum(rnd, None, senders, out.reason)
+        summed = tuple(by_node[n].site_id for n in order if n in out.summed)
+        if len(summed) < enc.min_sites:
+            return SecureSum(rnd, None, summed, f"the sum holds {len(summed)} messages, fewer than min_sites "
+                                                f"{enc.min_sites}: not released")
+        return SecureSum(rnd, torch.from_numpy(out.total), summed)
 
     def init_contributions(self, params) -> list:
         """``init: dp`` on the sites: each sends its clipped, noised W0-gradient sum (its ledger first)."""
@@ -310,6 +376,23 @@ def _run(job, run_dir: Path, grid: Grid, strategy: FedSBStrategy, meet: _Handsha
     return train_rounds(job, run_dir, transport=sites, ledger=ledger, server_ledger=server_ledger, global_state=state0,
                         start_round=1, seed=job.seed, eval0=eval0, init_info=init_info, progress=progress, resumed=None,
                         keep_rounds=True, stop_after=settings.stop_after)
+
+
+def _report_events(report: dict, *, site_id: str, server_round: int) -> tuple:
+    """The privacy events in a secure round's public report, checked against the site and round it names."""
+    import json
+
+    from accounting.events import event_from_dict
+
+    if report.get("site-id") != site_id or report.get("round") != server_round:
+        raise ValueError(f"report names site {report.get('site-id')!r}, round {report.get('round')!r}")
+    try:
+        events = tuple(event_from_dict(e) for e in json.loads(str(report.get("events", "[]"))))
+    except Exception as exc:  # JSON and AccountingInputError
+        raise ValueError(f"events must be a JSON list of privacy events ({type(exc).__name__})") from None
+    if not events:
+        raise ValueError("no events")
+    return events
 
 
 def _outcome_lists(out) -> dict[str, Any]:

@@ -225,9 +225,9 @@ class ServerSettings:
 
 def check_supported(cfg: RunConfig) -> None:
     """The rules a Flower run adds to a valid :class:`RunConfig` (what the app implements)."""
-    if cfg.privacy.aggregation == "secure":
-        raise ConfigError("privacy.aggregation 'secure' is implemented in process only (dpfed train) for now: the "
-                          "Flower apps do not run SecAgg+ yet, got privacy.aggregation 'secure'")
+    if cfg.privacy.aggregation == "secure" and cfg.privacy.record_level and cfg.sites_per_round() < 2:
+        raise ConfigError(f"sites per round must be >= 2 for privacy.aggregation 'secure' on Flower (SecAgg+ sums "
+                          f"two or more sites), got {cfg.sites_per_round()}")
     if cfg.data.canaries and cfg.data.canary_kind != "gradient":
         raise ConfigError(f"canary_kind must be 'gradient' in a Flower run (random-word canaries are planted in "
                           f"process only), got {cfg.data.canary_kind!r}")

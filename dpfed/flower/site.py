@@ -90,12 +90,13 @@ class Site:
 
 def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label_names: tuple[str, ...],
                frozen: dict[str, torch.Tensor], noise_multiplier: float | None, round: int,  # noqa: A002
-               ledger, audit: Any = None) -> Site:
+               ledger, audit: Any = None, secure: Any = None) -> Site:
     """Build the site's client for ``round`` (per-round generators, as in :class:`dpfed.session.InProcessSites`).
 
     ``cfg`` is the server's config; :func:`site_config` applies the site's own choices.
     Sampling and noise generators derive from the site's seed like the in-process runner's
-    from the run seed: ``seed → (3, index, round)`` and ``(4, index, round)``.
+    from the run seed: ``seed → (3, index, round)`` and ``(4, index, round)``. ``secure``: the
+    server's public :class:`~dpfed.secure_encoding.SecureEncoding` in a secure-aggregation round.
     """
     from dpfed.families import default_targets
     from dpfed.methods import method_class
@@ -159,7 +160,7 @@ def build_site(cfg: RunConfig, settings: SiteSettings, *, split_seed: int, label
     client = Client(client_id=settings.site_id, shard=shard, training=training, dp=dp,
                     sample_generator=sample_gen, noise_generator=noise_gen if dp else None,
                     ledger=ledger, budget=budget, device=device, autocast_dtype=autocast_dtype,
-                    diagnostics=site_local_path(settings.ledger), fixed=fixed)
+                    diagnostics=site_local_path(settings.ledger), fixed=fixed, secure=secure)
     return Site(model, method, client, cfg)
 
 

