@@ -321,6 +321,29 @@ def dp_init_params(cfg: RunConfig) -> DPSGDParams:
     return DPSGDParams(noise_multiplier=i.dp_noise_multiplier, clip=i.dp_clip, expected_batch_size=i.dp_batch_size)
 
 
+def site_sizes(cfg: RunConfig) -> list[int]:
+    """The sites' record counts for ``cfg`` as :func:`prepare` splits them, without loading the model (``dpfed plan``).
+
+    The split seed derives from the config's seed as in :func:`prepare`; without one, only an
+    ``iid`` partition has sizes that do not depend on the split (they are counts), so others are
+    refused. Audited runs (canaries, held-out records) change the populations: refused.
+    """
+    d = cfg.data
+    if d.canaries or d.canary_clients or d.audit_holdout:
+        raise ConfigError("the config must not plant canaries or hold out attack records to plan from it (they change "
+                          f"each site's population), got canaries={d.canaries}, canary_clients={d.canary_clients}, "
+                          f"audit_holdout={d.audit_holdout}")
+    if cfg.seed is None and d.partition != "iid":
+        raise ConfigError(f"seed must be set to plan a '{d.partition}' partition from the config (its site sizes "
+                          f"depend on the split), got none")
+    seed = cfg.seed if cfg.seed is not None else 0  # iid: the sizes are counts, the same for every seed
+    notes: list[str] = []
+    records = _load_records(cfg, task=cfg.model.task, notes=notes)
+    public = _load_records(cfg, task=cfg.model.task, source=d.public_source, notes=notes) if d.public_source else None
+    splits = split_and_partition(records, d, seed=child_seed(seed, RunStream.SPLIT), public=public)
+    return [len(c) for c in splits.clients]
+
+
 def site_plans(cfg: RunConfig, sizes: list[int]) -> list:
     """Each site's planned record-level releases (``accounting.planning.SitePlan``) for the run ``cfg``.
 

@@ -106,7 +106,51 @@ def _steps(steps: int | None, rounds: int | None, local_steps: int | None) -> tu
     return rounds * local_steps, rounds, local_steps
 
 
+def _from_config(path: Path, **flags: Any) -> dict[str, Any]:
+    """The plan's inputs from a run config, each one only where no flag gave it (``dpfed plan --config``)."""
+    from dpfed import config as cfgmod
+    from dpfed.setup import site_sizes
+
+    if not path.is_file():
+        raise ConfigError(f"--config must be an existing YAML file, got '{path}'")
+    cfg = cfgmod.resolve_data_paths(cfgmod.load(path))
+    p, t = cfg.privacy, cfg.train
+    if not p.record_level:
+        raise ConfigError(f"--config must describe a run with record-level DP to plan it, got privacy.unit "
+                          f"{p.unit!r} (enabled: {p.enabled})")
+    if p.aggregation == "secure":
+        raise ConfigError("dpfed plan plans Gaussian DP-SGD; a privacy.aggregation 'secure' run calibrates Skellam "
+                          "noise (dpfed train prints it before training), got privacy.aggregation 'secure'")
+    out = dict(flags)
+    if flags["noise_multiplier"] is None and flags["epsilon"] is None:
+        if p.noise_multiplier is not None:
+            out["noise_multiplier"] = p.noise_multiplier
+        else:
+            out["epsilon"] = p.epsilon
+    elif flags["max_rounds"] and flags["epsilon"] is None:
+        out["epsilon"] = p.epsilon
+    if flags["delta"] is None:
+        out["delta"] = p.delta
+    rate_given = any(flags[k] is not None for k in ("sample_rate", "dataset_size", "dataset_sizes"))
+    if flags["batch_size"] is None and flags["sample_rate"] is None:
+        out["batch_size"] = t.batch_size
+    if not rate_given:
+        out["dataset_sizes"] = ",".join(str(n) for n in site_sizes(cfg))
+    if flags["steps"] is None and flags["rounds"] is None and flags["local_steps"] is None:
+        out["local_steps"] = t.local_steps
+        if not flags["max_rounds"]:
+            out["rounds"] = t.rounds
+    if cfg.init.strategy == "dp" and flags["init_noise_multiplier"] is None:
+        out["init_noise_multiplier"] = cfg.init.dp_noise_multiplier
+        if flags["init_sample_rate"] is None and flags["init_batch_size"] is None:
+            out["init_batch_size"] = cfg.init.dp_batch_size
+    return out
+
+
 def plan(
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="Plan the run this YAML config describes (its sites' sizes from its data and split, "
+                               "batch, rounds, local steps, epsilon or sigma, delta, DP init); flags override it.")] = None,
     noise_multiplier: Annotated[Optional[float], typer.Option(
         "--noise-multiplier", help="Noise multiplier sigma (noise std / clip). Forward mode: print epsilon.")] = None,
     epsilon: Annotated[Optional[float], typer.Option(
@@ -146,6 +190,16 @@ def plan(
     from accounting import planning, rdp
     from accounting.events import PoissonGaussianEvent
 
+    if config is not None:
+        given = _from_config(config, noise_multiplier=noise_multiplier, epsilon=epsilon, delta=delta,
+                             sample_rate=sample_rate, batch_size=batch_size, dataset_size=dataset_size,
+                             dataset_sizes=dataset_sizes, steps=steps, rounds=rounds, local_steps=local_steps,
+                             max_rounds=max_rounds, init_noise_multiplier=init_noise_multiplier,
+                             init_sample_rate=init_sample_rate, init_batch_size=init_batch_size)
+        noise_multiplier, epsilon, delta = given["noise_multiplier"], given["epsilon"], given["delta"]
+        batch_size, dataset_sizes = given["batch_size"], given["dataset_sizes"]
+        rounds, local_steps = given["rounds"], given["local_steps"]
+        init_noise_multiplier, init_batch_size = given["init_noise_multiplier"], given["init_batch_size"]
     if accountant not in ACCOUNTANTS:
         raise ConfigError(f"--accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
     if output_format not in FORMATS:

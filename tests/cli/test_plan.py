@@ -266,3 +266,51 @@ def test_plan_and_training_calibrate_the_same_sigma(cli, init_dp):
 
     step = 10.0 ** (math.floor(math.log10(sigma)) - 2)  # the 3-significant-digit grid
     assert worst(sigma) <= 2.0 < worst(round(sigma - step, 6))
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_plan_from_a_config_prints_the_sigma_training_uses(cli, tiny_bert_dir, tiny_csv, tmp_path, partition):
+    """``dpfed plan --config``: the sites' sizes from the config's own split, its batch, schedule, ε and δ, give the
+    σ that ``prepare`` (what ``dpfed train`` runs) calibrates; a flag overrides the config."""
+    import yaml
+
+    from dpfed import config as cfgmod
+    from dpfed.runner import prepare
+
+    raw = {"model": {"name": tiny_bert_dir, "rank": 4, "max_length": 32},
+           "data": {"source": tiny_csv, "text_column": "sentence", "label_column": "sentiment", "num_clients": 3,
+                    "partition": partition, "dirichlet_alpha": 0.5},
+           "init": {"strategy": "random", "head": "random"},
+           "train": {"rounds": 3, "local_steps": 2, "batch_size": 16},
+           "privacy": {"epsilon": 2.0, "delta": 1e-4}, "seed": 11, "device": "cpu"}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    job = prepare(cfgmod.load(path))
+    sizes = [len(s) for s in job.shards]
+    got = run_json(cli, "--config", str(path))
+    assert got["noise_multiplier"] == job.noise_multiplier
+    assert sorted(c["dataset_size"] for c in got["clients"]) == sorted(sizes)
+    assert len(set(sizes)) > 1 or partition == "iid"  # dirichlet: unequal sites, so the sizes are really read
+    # a flag overrides the config: ε 4 needs less noise
+    assert run_json(cli, "--config", str(path), "--epsilon", "4")["noise_multiplier"] < job.noise_multiplier
+
+
+def test_plan_from_a_config_refuses_what_it_cannot_plan_in_one_line(cli, tiny_bert_dir, tiny_csv, tmp_path):
+    import yaml
+
+    base = {"model": {"name": tiny_bert_dir}, "data": {"source": tiny_csv, "text_column": "sentence",
+                                                        "label_column": "sentiment", "num_clients": 3},
+            "train": {"local_steps": 1}}
+    cases = [
+        ({"privacy": {"aggregation": "secure"}}, "error: dpfed plan plans Gaussian DP-SGD; a privacy.aggregation "
+                                                 "'secure' run calibrates Skellam noise"),
+        ({"data": {**base["data"], "partition": "dirichlet"}}, "error: seed must be set to plan a 'dirichlet' "
+                                                               "partition from the config"),
+    ]
+    for extra, message in cases:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({**base, **extra}))
+        code, _, err = cli("plan", "--config", str(path))
+        assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli("plan", "--config", str(tmp_path / "missing.yaml"))
+    assert code == 2 and err.startswith("error: --config must be an existing YAML file"), err
