@@ -352,7 +352,8 @@ def train_rounds(job: Job, run_dir: Path, *, transport: Transport, ledger, serve
             raise ConfigError("privacy.aggregation 'secure' is implemented in process only (this transport has no "
                               "secure aggregation), got a transport without it")
         up_size = message_bytes(job.secure)
-    discarded: list[int] = []
+    # a resumed secure run: the rounds discarded before the interruption (metrics.jsonl, cut at the checkpoint)
+    discarded: list[int] = _discarded_rounds(run_dir / METRICS) if secure and resumed is not None else []
     down_state = global_state  # what the server sends at the start of the next round (method-specific)
     agg_errors: list[float] = []
     per_round = max(1, int(math.ceil(q_client * n_sites)))
@@ -478,6 +479,31 @@ def train_rounds(job: Job, run_dir: Path, *, transport: Transport, ledger, serve
     return summary
 
 
+def _recorded_encoding(record: dict | None, cfg, run_dir: Path) -> SecureEncoding:
+    """The secure encoding ``run.json`` recorded (:func:`secure_record`), rebuilt and checked against its sensitivities."""
+    from dpfed.errors import ConfigError
+
+    keys = ("dim", "scale", "bits", "rotation_seed", "mu_total", "min_sites", "max_sites", "max_records")
+    if not isinstance(record, dict) or any(k not in record for k in keys):
+        raise ConfigError(f"{run_dir}/{RUN_JSON} must record the secure encoding ({', '.join(keys)}) to resume a "
+                          f"privacy.aggregation 'secure' run, got {sorted(record) if isinstance(record, dict) else record!r}")
+    enc = SecureEncoding(clip=cfg.privacy.clip, **{k: record[k] for k in keys})
+    if (enc.sensitivity.l2, enc.sensitivity.l1) != (record.get("l2_sensitivity"), record.get("l1_sensitivity")):
+        raise ConfigError(f"{run_dir}/{RUN_JSON}'s secure encoding must reproduce its recorded sensitivities, got "
+                          f"{(enc.sensitivity.l2, enc.sensitivity.l1)} vs {(record.get('l2_sensitivity'), record.get('l1_sensitivity'))}")
+    return enc
+
+
+def _discarded_rounds(metrics: Path) -> list[int]:
+    """The rounds ``metrics.jsonl`` records as discarded (secure aggregation with fewer than ``min_sites`` messages)."""
+    import json
+
+    if not metrics.is_file():
+        return []
+    lines = (json.loads(x) for x in metrics.read_text().splitlines() if x.strip())
+    return [int(x["round"]) for x in lines if x.get("round_discarded") is not None]
+
+
 @dataclass(frozen=True)
 class Reopened:
     """A run directory opened to continue: the rebuilt job, its ledgers, and where to go on."""
@@ -528,8 +554,6 @@ def reopen(run_dir: Path, *, progress: Progress, device: str | None = None, ledg
     if digest != info["config_sha256"] or digest != meta["config_sha256"]:
         raise ConfigError(f"{run_dir}/config.yaml changed since the run started (sha256 mismatch); refusing to resume")
     cfg = config_mod.from_dict(yaml.safe_load(config_text))
-    if cfg.privacy.aggregation == "secure":
-        raise ConfigError(f"--resume of a privacy.aggregation 'secure' run is not implemented yet, got '{run_dir}'")
     if device is not None:
         cfg = config_mod.override(cfg, device=device)
     # rebuild data split and model; the adapter factors and state come from the checkpoint, so init is skipped
@@ -541,6 +565,8 @@ def reopen(run_dir: Path, *, progress: Progress, device: str | None = None, ledg
     seed_is_user = info.get("seed") is not None  # an OS-entropy seed was never recorded: draw a new one
     job = dataclasses.replace(job, cfg=cfg, init_info=info.get("init_info", {}), seed_is_user=seed_is_user,
                               seed=int(info["seed"]) if seed_is_user else new_seed())
+    if job.secure is not None:  # the public encoding the run started with, exactly (μ, bits, rotation seed)
+        job = dataclasses.replace(job, secure=_recorded_encoding(info.get("secure_aggregation"), cfg, run_dir))
     job.method.load_frozen_state(frozen)
     load_trainable_state(job.model, trainable)
     first = int(meta["round"]) + 1
@@ -551,6 +577,12 @@ def reopen(run_dir: Path, *, progress: Progress, device: str | None = None, ledg
     def in_flight_record() -> list[tuple[str, int, Any]]:
         if not job.dp:
             return []
+        if job.secure is not None:
+            sens = job.secure.sensitivity
+            return [(site, first, PoissonSkellamEvent(mu=job.secure.mu_total, l2_sensitivity=sens.l2,
+                                                      l1_sensitivity=sens.l1, count=1,
+                                                      sample_rate=sample_rate(cfg.train.batch_size, n)))
+                    for site, n in site_sizes.items()]
         return [(site, first, PoissonGaussianEvent(noise_multiplier=job.noise_multiplier,
                                                    sample_rate=sample_rate(cfg.train.batch_size, n),
                                                    count=cfg.train.local_steps)) for site, n in site_sizes.items()]

@@ -219,6 +219,52 @@ def test_the_summary_carries_both_epsilons_within_the_target(dropped_run):
     assert any("Skellam" in c for c in checks)
 
 
+def test_a_resumed_secure_run_equals_the_uninterrupted_one(dropped_run, tiny_bert_dir, tiny_csv, tmp_path):
+    """The dropped run stopped after its discarded round 2, then ``dpfed train --resume``: the recorded encoding
+    (μ, bits, rotation seed) comes back, round 3 equals the uninterrupted run's, the discarded round is still listed."""
+    from safetensors.torch import load_file
+
+    from dpfed.runner import load_checkpoint, prepare, resume
+    from dpfed.session import start, train_rounds
+
+    job0, full, full_summary, full_ledger = dropped_run
+    out = tmp_path / "run"
+    job = prepare(_cfg(tiny_bert_dir, tiny_csv, min_sites=2))
+    ledger = Ledger(out / "ledger.jsonl")
+    state, eval0, init_info = start(job, out, ledger=ledger, server_ledger=None, progress=lambda *a: None)
+    sites = _sites(job, ledger, dropout=lambda rnd, site: rnd == 2 and site != "client-000")
+    paused = train_rounds(job, out, transport=sites, ledger=ledger, server_ledger=None, global_state=state,
+                          start_round=1, seed=job.seed, eval0=eval0, init_info=init_info, progress=lambda *a: None,
+                          resumed=None, stop_after=2)
+    assert paused == {"paused_after_round": 2} and not (out / "summary.json").exists()
+    summary = resume(out)
+    assert summary["rounds_completed"] == 3 and summary["resumed"]["from_round"] == 2
+    assert summary["rounds_discarded"] == [2] == full_summary["rounds_discarded"]
+    assert summary["secure_aggregation"] == full_summary["secure_aggregation"]
+    want = load_file(full / "rounds" / "round-003.safetensors")
+    got = load_checkpoint(out)[1]
+    assert all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
+    assert [(r.client, r.round, r.event) for r in Ledger(out / "ledger.jsonl").records()] == \
+        [(r.client, r.round, r.event) for r in full_ledger.records()]
+    assert summary["epsilon_per_client"] == pytest.approx(full_summary["epsilon_per_client"], rel=1e-12)
+    assert summary["epsilon_colluding_server"] == pytest.approx(full_summary["epsilon_colluding_server"], rel=1e-12)
+
+
+def test_resume_restores_the_recorded_encoding_of_an_os_entropy_seed_run(tiny_bert_dir, tiny_csv, tmp_path):
+    """Without a user seed the rotation seed is drawn anew by every prepare(): resume must take run.json's."""
+    from dpfed.runner import prepare
+    from dpfed.session import reopen, start
+
+    cfg = cfgmod.RunConfig(**{f: getattr(_cfg(tiny_bert_dir, tiny_csv), f)
+                              for f in ("model", "data", "init", "train", "privacy", "device")})  # seed None
+    job = prepare(cfg)
+    out = tmp_path / "run"
+    start(job, out, ledger=Ledger(out / "ledger.jsonl"), server_ledger=None, progress=lambda *a: None)
+    again = reopen(out, progress=lambda *a: None)
+    assert again.job.secure == job.secure and again.first == 1
+    assert prepare(cfg).secure.rotation_seed != job.secure.rotation_seed  # what a rebuilt encoding would get
+
+
 def test_the_ledger_check_refuses_a_skellam_event_with_another_mu(dropped_run, tmp_path):
     import shutil
 
