@@ -178,15 +178,21 @@ def test_flower_instruct_run_equals_in_process_run(tiny_instruct_config, tmp_pat
 
 
 @pytest.mark.slow  # two deployments; CI runs it (make test-slow)
-def test_flower_resume_equals_an_uninterrupted_in_process_run(flower_cfg_path, tmp_path):
+@pytest.mark.parametrize("feature", ["record", "secure"])
+def test_flower_resume_equals_an_uninterrupted_in_process_run(flower_cfg_path, tmp_path, feature):
     """A server session ends after round 1 (``stop-after``); a new deployment (new SuperLink and SuperNodes,
     the sites' ledgers kept) resumes from the server's checkpoint: round 2's global R, the ledgers and ε equal
-    those of ``dpfed train`` run straight through with the same seed."""
+    those of ``dpfed train`` run straight through with the same seed. ``secure``: the rounds go through SecAgg+
+    and the resumed server rebuilds the recorded secure encoding."""
     from safetensors.torch import load_file
 
     from dpfed import config as cfgmod
     from dpfed.runner import load_checkpoint, prepare, run
 
+    if FEATURES.get(feature):
+        cfg = cfgmod.override(cfgmod.load(flower_cfg_path), **FEATURES[feature])
+        flower_cfg_path = tmp_path / f"{feature}.yaml"
+        flower_cfg_path.write_text(cfgmod.to_yaml(cfg))
     out = tmp_path / "flower-run"
     assert _deploy(out, flower_cfg_path, app_dir=REPO, server={"stop-after": 1}) == "finished:completed"
     assert not (out / "summary.json").exists() and json.loads((out / "checkpoint.json").read_text())["round"] == 1
