@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install install-llm demo demo-llm test test-slow bench bench-llm clean
+.PHONY: install install-llm demo demo-llm test test-slow bench bench-llm bench-secure clean
 
 # The flower extra installs flwr: tests/flower start real SuperLinks and SuperNodes on loopback.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -56,6 +56,10 @@ bench: install
 
 bench-llm: install-llm
 	$(PY) -m benchmarks.llm_speed
+
+# issue 16: local vs secure vs central vs non-private DP-SGD, side by side (about 15 min on 2 cores)
+bench-secure: install
+	$(PY) -m benchmarks.secure_table --steps 16 --epsilons 3,1
 
 clean:
 	rm -rf $(VENV) runs
