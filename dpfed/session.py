@@ -118,11 +118,10 @@ def secure_step(job: Job, summed: SecureSum, global_state: dict[str, torch.Tenso
 
 
 def secure_record(encoding: SecureEncoding) -> dict[str, Any]:
-    """The public parameters of the encoding that ``run.json`` records (the ledger check reads μ and the sensitivities)."""
+    """The public encoding that ``run.json`` records: every field (``--resume`` rebuilds it) and the sensitivities
+    (the ledger check reads μ and them)."""
     sens = encoding.sensitivity
-    return {"mu_total": encoding.mu_total, "l2_sensitivity": sens.l2, "l1_sensitivity": sens.l1,
-            "min_sites": encoding.min_sites, "max_sites": encoding.max_sites, "max_records": encoding.max_records,
-            "dim": encoding.dim, "scale": encoding.scale, "bits": encoding.bits, "rotation_seed": encoding.rotation_seed}
+    return {**encoding.to_public(), "l2_sensitivity": sens.l2, "l1_sensitivity": sens.l1}
 
 
 def message_bytes(encoding: SecureEncoding) -> int:
@@ -479,18 +478,18 @@ def train_rounds(job: Job, run_dir: Path, *, transport: Transport, ledger, serve
     return summary
 
 
-def _recorded_encoding(record: dict | None, cfg, run_dir: Path) -> SecureEncoding:
+def _recorded_encoding(record: dict | None, run_dir: Path) -> SecureEncoding:
     """The secure encoding ``run.json`` recorded (:func:`secure_record`), rebuilt and checked against its sensitivities."""
     from dpfed.errors import ConfigError
 
-    keys = ("dim", "scale", "bits", "rotation_seed", "mu_total", "min_sites", "max_sites", "max_records")
-    if not isinstance(record, dict) or any(k not in record for k in keys):
-        raise ConfigError(f"{run_dir}/{RUN_JSON} must record the secure encoding ({', '.join(keys)}) to resume a "
-                          f"privacy.aggregation 'secure' run, got {sorted(record) if isinstance(record, dict) else record!r}")
-    enc = SecureEncoding(clip=cfg.privacy.clip, **{k: record[k] for k in keys})
-    if (enc.sensitivity.l2, enc.sensitivity.l1) != (record.get("l2_sensitivity"), record.get("l1_sensitivity")):
+    if not isinstance(record, dict):
+        raise ConfigError(f"{run_dir}/{RUN_JSON} must record the secure encoding to resume a privacy.aggregation "
+                          f"'secure' run, got {record!r}")
+    sens = {k: record.get(k) for k in ("l2_sensitivity", "l1_sensitivity")}
+    enc = SecureEncoding.from_public({k: v for k, v in record.items() if k not in sens})
+    if (enc.sensitivity.l2, enc.sensitivity.l1) != tuple(sens.values()):
         raise ConfigError(f"{run_dir}/{RUN_JSON}'s secure encoding must reproduce its recorded sensitivities, got "
-                          f"{(enc.sensitivity.l2, enc.sensitivity.l1)} vs {(record.get('l2_sensitivity'), record.get('l1_sensitivity'))}")
+                          f"{(enc.sensitivity.l2, enc.sensitivity.l1)} vs {tuple(sens.values())}")
     return enc
 
 
@@ -566,7 +565,7 @@ def reopen(run_dir: Path, *, progress: Progress, device: str | None = None, ledg
     job = dataclasses.replace(job, cfg=cfg, init_info=info.get("init_info", {}), seed_is_user=seed_is_user,
                               seed=int(info["seed"]) if seed_is_user else new_seed())
     if job.secure is not None:  # the public encoding the run started with, exactly (μ, bits, rotation seed)
-        job = dataclasses.replace(job, secure=_recorded_encoding(info.get("secure_aggregation"), cfg, run_dir))
+        job = dataclasses.replace(job, secure=_recorded_encoding(info.get("secure_aggregation"), run_dir))
     job.method.load_frozen_state(frozen)
     load_trainable_state(job.model, trainable)
     first = int(meta["round"]) + 1

@@ -167,6 +167,7 @@ def _secure_train(msg: Message, context: Context, settings, run: rec.RunMessage,
     from dpfed.flower.secure_codec import secaggplus_params, to_secagg
     from dpfed.flower.secure_round import SECURE_ENCODING, global_state_of, secure_reply
     from dpfed.flower.site import build_site
+    from dpfed.privacy import new_seed
     from dpfed.release import release
     from dpfed.secure_encoding import SecureEncoding
     from dpfed.seeds import secure_generators
@@ -185,8 +186,6 @@ def _secure_train(msg: Message, context: Context, settings, run: rec.RunMessage,
                       noise_multiplier=run.noise_multiplier, round=run.server_round, ledger=ledger,
                       audit=audit_plan(cfg), secure=encoding)
     _check_global(site, global_state)
-    from dpfed.privacy import new_seed
-
     seed = settings.seed if settings.seed is not None else new_seed()  # as build_site: the site's own seed
     sample, noise, rounding = secure_generators(seed, settings.index, run.server_round,
                                                 history=len(ledger.events(settings.site_id)))

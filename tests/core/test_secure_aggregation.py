@@ -165,20 +165,26 @@ def test_a_secure_round_is_one_fedsgd_step_computed_by_hand(tiny_bert_dir, tiny_
 
 
 # -- dropouts, summary, ledger -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def dropped_run(tiny_bert_dir, tiny_csv, tmp_path_factory):
-    """3 rounds with min_sites 2; in round 2 two of the three sites drop out before training."""
+def _dropping_run(model_dir, source, out, **train):
+    """3 rounds with min_sites 2; in round 2 two of the three sites drop out before training. ``train``:
+    more ``train_rounds`` arguments (``keep_rounds``, ``stop_after``). Returns (job, train_rounds' result, ledger)."""
     from dpfed.runner import prepare
     from dpfed.session import start, train_rounds
 
-    out = tmp_path_factory.mktemp("secure-run")
-    job = prepare(_cfg(tiny_bert_dir, tiny_csv, min_sites=2))
+    job = prepare(_cfg(model_dir, source, min_sites=2))
     ledger = Ledger(out / "ledger.jsonl")
     state, eval0, init_info = start(job, out, ledger=ledger, server_ledger=None, progress=lambda *a: None)
     sites = _sites(job, ledger, dropout=lambda rnd, site: rnd == 2 and site != "client-000")
-    summary = train_rounds(job, out, transport=sites, ledger=ledger, server_ledger=None, global_state=state,
-                           start_round=1, seed=job.seed, eval0=eval0, init_info=init_info, progress=lambda *a: None,
-                           resumed=None, keep_rounds=True)
+    result = train_rounds(job, out, transport=sites, ledger=ledger, server_ledger=None, global_state=state,
+                          start_round=1, seed=job.seed, eval0=eval0, init_info=init_info, progress=lambda *a: None,
+                          resumed=None, **train)
+    return job, result, ledger
+
+
+@pytest.fixture(scope="module")
+def dropped_run(tiny_bert_dir, tiny_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("secure-run")
+    job, summary, ledger = _dropping_run(tiny_bert_dir, tiny_csv, out, keep_rounds=True)
     return job, out, summary, ledger
 
 
@@ -224,18 +230,11 @@ def test_a_resumed_secure_run_equals_the_uninterrupted_one(dropped_run, tiny_ber
     (μ, bits, rotation seed) comes back, round 3 equals the uninterrupted run's, the discarded round is still listed."""
     from safetensors.torch import load_file
 
-    from dpfed.runner import load_checkpoint, prepare, resume
-    from dpfed.session import start, train_rounds
+    from dpfed.runner import load_checkpoint, resume
 
-    job0, full, full_summary, full_ledger = dropped_run
+    _, full, full_summary, full_ledger = dropped_run
     out = tmp_path / "run"
-    job = prepare(_cfg(tiny_bert_dir, tiny_csv, min_sites=2))
-    ledger = Ledger(out / "ledger.jsonl")
-    state, eval0, init_info = start(job, out, ledger=ledger, server_ledger=None, progress=lambda *a: None)
-    sites = _sites(job, ledger, dropout=lambda rnd, site: rnd == 2 and site != "client-000")
-    paused = train_rounds(job, out, transport=sites, ledger=ledger, server_ledger=None, global_state=state,
-                          start_round=1, seed=job.seed, eval0=eval0, init_info=init_info, progress=lambda *a: None,
-                          resumed=None, stop_after=2)
+    _, paused, _ = _dropping_run(tiny_bert_dir, tiny_csv, out, stop_after=2)
     assert paused == {"paused_after_round": 2} and not (out / "summary.json").exists()
     summary = resume(out)
     assert summary["rounds_completed"] == 3 and summary["resumed"]["from_round"] == 2
